@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Train and evaluate DAB-DETR with detectron2's LazyConfig machinery.
+
+    python tools/train_net.py --config-file configs/dab_detr_r50_50ep.py --num-gpus 8
+    python tools/train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final.pth
+    python tools/train_net.py --config-file CFG --register-coco mine train.json images/ \
+        dataloader.train.dataset.names=mine dataloader.test.dataset.names=mine
+
+Everything model-specific lives in `dab_detr`; this file only wires detectron2's trainer, hooks, checkpointer,
+evaluator and `launch` together (as detectron2's tools/lazyconfig_train_net.py does), adding gradient clipping,
+AMP, the class count taken from the dataset, and `--register-coco`.
+"""
+import logging
+import re
+import sys
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+import dab_detr  # noqa: F401  (registers DABDETR and the embedded dataset)
+from dab_detr.engine import DetrCheckpointer, DetrTrainer, register_coco_datasets, sync_num_classes
+
+logger = logging.getLogger("dab_detr")
+
+
+def build_parser():
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME before the config is built (repeatable)",
+    )
+    parser.add_argument(
+        "--reinit-classifier", action="store_true",
+        help="load train.init_checkpoint even if its class count differs from the dataset's, "
+        "re-initialising the classifier",
+    )
+    return parser
+
+
+def _explicit_num_classes(opts):
+    for opt in opts or []:
+        m = re.fullmatch(r"model\.num_classes=(\d+)", opt)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def load_config(args):
+    """LazyConfig + command-line overrides + the class count from the dataset(s)."""
+    register_coco_datasets(args.register_coco)
+    cfg = LazyConfig.load(args.config_file)
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    except Exception as e:
+        raise ValueError(f"{args.config_file}: cannot apply overrides {args.opts}: {e}") from e
+    sync_num_classes(cfg, explicit=_explicit_num_classes(args.opts))
+    return cfg
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    logger.info("Model:\n{}".format(model))
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    clip = cfg.train.get("clip_grad", {"enabled": False})
+    trainer = DetrTrainer(
+        model, train_loader, optim,
+        clip_max_norm=clip.max_norm if clip.get("enabled", False) else None,
+        clip_norm_type=clip.get("norm_type", 2.0),
+        amp=cfg.train.amp.enabled,
+    )
+    checkpointer = DetrCheckpointer(
+        model, cfg.train.output_dir, trainer=trainer, reinit_classifier=args.reinit_classifier
+    )
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = load_config(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        DetrCheckpointer(model, reinit_classifier=args.reinit_classifier).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+def cli(argv=None):
+    args = build_parser().parse_args(argv)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
