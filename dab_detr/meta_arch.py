@@ -1,0 +1,243 @@
+"""detectron2 glue for DAB-DETR: images -> padded batch + padding mask -> `DabDetrHead` -> losses or `Instances`."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from .modeling.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .modeling.dab_detr_head import DabDetrHead
+
+__all__ = ["DABDETR", "resnet_stages"]
+
+
+def resnet_stages(depth: int = 50, norm: str = "FrozenBN", stride_in_1x1: bool = False, res5_dilation: int = 1):
+    """Bottleneck stages res2..res5 of a detectron2 `ResNet`; `res5_dilation=2` is DC5 the torchvision way.
+
+    DC5 here means res5 keeps stride 16 and its blocks 1.. use dilation 2 while block 0's 3x3 conv keeps
+    dilation 1, as torchvision's `replace_stride_with_dilation` and timm's `output_stride=16` do (the official
+    DAB-DETR and HF DC5 models). detectron2's `RESNETS.RES5_DILATION` dilates block 0 too.
+    """
+    blocks = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+    if depth not in blocks:
+        raise ValueError(f"resnet_stages: depth must be one of {sorted(blocks)}, got {depth}")
+    if res5_dilation not in (1, 2):
+        raise ValueError(f"resnet_stages: res5_dilation must be 1 or 2, got {res5_dilation}")
+    stages, in_channels = [], 64
+    for idx, (n, out_channels) in enumerate(zip(blocks[depth], [256, 512, 1024, 2048])):
+        stride, dilation = (1 if idx == 0 else 2), [1] * n
+        if idx == 3 and res5_dilation == 2:
+            stride, dilation = 1, [1] + [2] * (n - 1)
+        stages.append(
+            ResNet.make_stage(
+                BottleneckBlock, n, in_channels=in_channels, out_channels=out_channels,
+                bottleneck_channels=out_channels // 4, stride_per_block=[stride] + [1] * (n - 1),
+                dilation_per_block=dilation, norm=norm, stride_in_1x1=stride_in_1x1,
+            )
+        )
+        in_channels = out_channels
+    return stages
+
+
+def _image_sizes(image_sizes, device: torch.device) -> Tensor:
+    """`(B, 2)` int64 (h, w) on `device`; copied without blocking on the device's queue."""
+    return torch.as_tensor(image_sizes, dtype=torch.int64).to(device, non_blocking=True)
+
+
+@META_ARCH_REGISTRY.register()
+class DABDETR(nn.Module):
+    """DAB-DETR on a detectron2 backbone.
+
+    Builds the padding mask from the real image sizes (training and inference), feeds the `in_feature` map to
+    `head`, and returns `criterion`'s weighted losses in training, `[{"instances": Instances}]` in inference.
+    `criterion` may be None for an inference-only model.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: DabDetrHead,
+        criterion: Optional[nn.Module],
+        num_classes: int,
+        in_feature: str = "res5",
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str = "RGB",
+        num_select: int = 300,
+        size_divisibility: int = 32,
+    ):
+        super().__init__()
+        shapes = backbone.output_shape()
+        if in_feature not in shapes:
+            raise ValueError(f"DABDETR: in_feature {in_feature!r} is not a backbone output {sorted(shapes)}")
+        channels = shapes[in_feature].channels
+        if head.input_proj is None:
+            head.build_input_proj(channels)
+        elif head.input_proj.in_channels != channels:
+            raise ValueError(
+                f"DABDETR: head in_channels={head.input_proj.in_channels} but backbone feature {in_feature!r} "
+                f"has {channels} channels"
+            )
+        if head.num_classes != num_classes:
+            raise ValueError(f"DABDETR: num_classes={num_classes} but head.num_classes={head.num_classes}")
+        if criterion is not None and getattr(criterion, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"DABDETR: num_classes={num_classes} but criterion.num_classes={criterion.num_classes}")
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(f"DABDETR: pixel_mean {list(pixel_mean)} and pixel_std {list(pixel_std)} differ in length")
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"DABDETR: input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        if num_select < 1:
+            raise ValueError(f"DABDETR: num_select must be >= 1, got {num_select}")
+        self.backbone = backbone
+        self.head = head
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.in_feature = in_feature
+        self.input_format = input_format
+        self.num_select = num_select
+        # Padding to a multiple of the stride makes the nearest-downsampled mask mark exactly the feature cells
+        # that see no image pixel.
+        self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        # Imported here so that inference-only users of the module do not need scipy.
+        from .modeling.criterion import SetCriterion
+        from .modeling.matcher import HungarianMatcher
+
+        c = cfg.MODEL.DAB_DETR
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        if c.IN_FEATURE not in shapes:
+            raise ValueError(f"MODEL.DAB_DETR.IN_FEATURE {c.IN_FEATURE!r} is not a backbone output {sorted(shapes)}")
+        head = DabDetrHead(
+            in_channels=shapes[c.IN_FEATURE].channels,
+            num_classes=c.NUM_CLASSES,
+            hidden_dim=c.HIDDEN_DIM,
+            num_queries=c.NUM_QUERIES,
+            nheads=c.NHEADS,
+            num_encoder_layers=c.ENC_LAYERS,
+            num_decoder_layers=c.DEC_LAYERS,
+            dim_feedforward=c.DIM_FEEDFORWARD,
+            dropout=c.DROPOUT,
+            activation=c.ACTIVATION,
+            num_patterns=c.NUM_PATTERNS,
+            query_scale_type=c.QUERY_SCALE_TYPE,
+            modulate_hw_attn=c.MODULATE_HW_ATTN,
+            keep_query_pos=c.KEEP_QUERY_POS,
+            rm_self_attn_decoder=c.RM_SELF_ATTN_DECODER,
+            bbox_embed_diff_each_layer=c.BBOX_EMBED_DIFF_EACH_LAYER,
+            random_refpoints_xy=c.RANDOM_REFPOINTS_XY,
+            freeze_anchor_xy=c.FREEZE_ANCHOR_XY,
+            anchor_init=c.ANCHOR_INIT or None,
+            pe_temperature_h=c.PE_TEMPERATURE_H,
+            pe_temperature_w=c.PE_TEMPERATURE_W,
+            prior_prob=c.PRIOR_PROB,
+            inverse_sigmoid_eps=c.INVERSE_SIGMOID_EPS,
+            aux_loss=c.AUX_LOSS,
+        )
+        matcher = HungarianMatcher(
+            cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
+            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA,
+        )
+        criterion = SetCriterion(
+            c.NUM_CLASSES, matcher, loss_class=c.CLASS_WEIGHT, loss_bbox=c.BBOX_WEIGHT, loss_giou=c.GIOU_WEIGHT,
+            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "criterion": criterion,
+            "num_classes": c.NUM_CLASSES,
+            "in_feature": c.IN_FEATURE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "num_select": c.NUM_SELECT,
+            "size_divisibility": c.SIZE_DIVISIBILITY,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise each `(C, H, W)` image and pad them into one batch (padding = 0 after normalisation)."""
+        images = []
+        for x in batched_inputs:
+            image = x["image"]
+            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
+                raise ValueError(
+                    f"DABDETR: 'image' must be ({self.pixel_mean.shape[0]}, H, W), got {tuple(image.shape)}"
+                )
+            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    @staticmethod
+    def padding_mask(images: ImageList, feature_size: Sequence[int]) -> Tensor:
+        """`(B, h, w)` bool mask at `feature_size`, True where the padded batch has no image pixel (nearest)."""
+        tensor = images.tensor
+        sizes = _image_sizes(images.image_sizes, tensor.device)
+        rows = torch.arange(tensor.shape[-2], device=tensor.device)
+        cols = torch.arange(tensor.shape[-1], device=tensor.device)
+        mask = (rows[None, :, None] >= sizes[:, 0, None, None]) | (cols[None, None, :] >= sizes[:, 1, None, None])
+        return F.interpolate(mask[None].float(), size=tuple(feature_size))[0].bool()
+
+    def forward_raw(self, images: ImageList) -> Dict[str, object]:
+        """Raw head outputs (`pred_logits`, `pred_boxes`, `aux_outputs`) for a normalised, padded batch."""
+        features = self.backbone(images.tensor)[self.in_feature]
+        return self.head(features, self.padding_mask(images, features.shape[-2:]))
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.forward_raw(images)
+        if self.training:
+            if self.criterion is None:
+                raise RuntimeError("DABDETR: training needs a criterion (got criterion=None)")
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("DABDETR: every training input needs 'instances'")
+            return self.criterion(outputs, self.prepare_targets([x["instances"] for x in batched_inputs]))
+
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        return [
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
+
+    def prepare_targets(self, instances: List[Instances]) -> List[Dict[str, Tensor]]:
+        """Instances (abs xyxy in the augmented image) -> `{"labels", "boxes"}` with boxes cxcywh / image size."""
+        targets = []
+        for inst in instances:
+            h, w = inst.image_size
+            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor)
+            boxes = boxes / torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            targets.append({"labels": inst.gt_classes.to(self.device), "boxes": boxes.to(self.device)})
+        return targets
+
+    def inference(self, pred_logits: Tensor, pred_boxes: Tensor, image_sizes) -> List[Instances]:
+        """Top-`num_select` (query, class) pairs per image; boxes in absolute xyxy of the unpadded image."""
+        batch, num_queries, num_classes = pred_logits.shape
+        k = min(self.num_select, num_queries * num_classes)
+        # top-k on logits = top-k on sigmoid scores (monotonic), without a sigmoid over all Q*C entries
+        top_logits, index = pred_logits.flatten(1).topk(k, dim=1)
+        scores = top_logits.sigmoid()
+        query, labels = index // num_classes, index % num_classes
+        boxes = box_cxcywh_to_xyxy(torch.gather(pred_boxes, 1, query[..., None].expand(-1, -1, 4)))
+        hw = _image_sizes(image_sizes, boxes.device).to(boxes.dtype)
+        boxes = boxes * torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=-1)[:, None, :]
+        results = []
+        for i, size in enumerate(image_sizes):
+            result = Instances(tuple(size))
+            result.pred_boxes = Boxes(boxes[i])
+            result.scores = scores[i]
+            result.pred_classes = labels[i]
+            results.append(result)
+        return results

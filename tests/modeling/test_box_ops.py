@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from dab_detr.modeling.box_ops import (
+    box_area,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    inverse_sigmoid,
+)
+
+
+def test_cxcywh_to_xyxy_known_value():
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    torch.testing.assert_close(box_cxcywh_to_xyxy(boxes), torch.tensor([[0.4, 0.3, 0.6, 0.7]]))
+
+
+def test_box_conversions_round_trip():
+    torch.manual_seed(0)
+    cxcywh = torch.rand(2, 7, 4)  # leading batch dims are allowed
+    torch.testing.assert_close(box_xyxy_to_cxcywh(box_cxcywh_to_xyxy(cxcywh)), cxcywh)
+    xyxy = box_cxcywh_to_xyxy(cxcywh)
+    torch.testing.assert_close(box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(xyxy)), xyxy)
+
+
+def test_box_area_is_zero_for_degenerate_boxes():
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [1.0, 1.0, 0.5, 2.0]])
+    torch.testing.assert_close(box_area(boxes), torch.tensor([6.0, 0.0]))
+
+
+def test_box_iou_returns_iou_and_union():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    iou, union = box_iou(a, b)
+    torch.testing.assert_close(union, torch.tensor([[7.0]]))
+    torch.testing.assert_close(iou, torch.tensor([[1.0 / 7.0]]))
+
+
+def test_giou_of_identical_boxes_is_one():
+    torch.manual_seed(0)
+    boxes = box_cxcywh_to_xyxy(torch.rand(5, 4) * 0.5 + 0.1)
+    torch.testing.assert_close(torch.diag(generalized_box_iou(boxes, boxes)), torch.ones(5))
+
+
+def test_giou_of_disjoint_boxes_is_negative_with_hull_penalty():
+    # iou 0, union 2, enclosing hull [0, 3] x [0, 1] has area 3: GIoU = 0 - (3 - 2) / 3.
+    a = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0, 3.0, 1.0]])
+    giou = generalized_box_iou(a, b)
+    torch.testing.assert_close(giou, torch.tensor([[-1.0 / 3.0]]))
+
+
+def test_giou_of_overlapping_boxes():
+    # inter 1, union 7, hull 9: GIoU = 1/7 - (9 - 7) / 9.
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    torch.testing.assert_close(generalized_box_iou(a, b), torch.tensor([[1.0 / 7.0 - 2.0 / 9.0]]))
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.0, 0.4, 1.0], [0.0, float("nan"), 1.0, 1.0]])
+def test_giou_rejects_inverted_or_nan_boxes(bad):
+    good = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="inverted"):
+        generalized_box_iou(good, torch.tensor([bad]))
+    with pytest.raises(ValueError, match="inverted"):
+        generalized_box_iou(torch.tensor([bad]), good)
+
+
+def test_inverse_sigmoid_clamps_at_zero_and_one():
+    # Official formula log(x.clamp(eps) / (1 - x).clamp(eps)): at x = 0 only the numerator is clamped,
+    # so the limit is -log(1 / eps) (not -log((1 - eps) / eps)); out-of-range inputs clamp to [0, 1] first.
+    eps = 1e-3
+    limit = math.log(1 / eps)
+    x = torch.tensor([0.0, 1.0, -0.5, 1.5], dtype=torch.float64)
+    expected = torch.tensor([-limit, limit, -limit, limit], dtype=torch.float64)
+    torch.testing.assert_close(inverse_sigmoid(x, eps=eps), expected)
+    # The default eps is the official 1e-3 (HF uses 1e-5).
+    torch.testing.assert_close(inverse_sigmoid(x), expected)
+    limit_hf = math.log(1 / 1e-5)
+    torch.testing.assert_close(
+        inverse_sigmoid(torch.tensor([1.0], dtype=torch.float64), eps=1e-5),
+        torch.tensor([limit_hf], dtype=torch.float64),
+    )
+
+
+def test_inverse_sigmoid_inverts_sigmoid_inside_the_clamp():
+    logits = torch.linspace(-5, 5, 11, dtype=torch.float64)
+    torch.testing.assert_close(inverse_sigmoid(logits.sigmoid()), logits)

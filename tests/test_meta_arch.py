@@ -1,0 +1,225 @@
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.structures import Boxes, ImageList, Instances
+
+from dab_detr.config import add_dab_detr_config
+from dab_detr.meta_arch import DABDETR
+from dab_detr.modeling.criterion import SetCriterion
+from dab_detr.modeling.dab_detr_head import DabDetrHead
+from dab_detr.modeling.matcher import HungarianMatcher
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+# Exact parameter counts (all parameters, trainable or not; FrozenBN statistics are buffers) with 80 classes.
+# Paper Table 2: R50 44M, R101 63M.
+R50_PARAMS = 43_668_690
+R101_PARAMS = 62_608_594
+
+
+def _tiny_model(num_classes=4, criterion=True, num_select=10, **head_kwargs) -> DABDETR:
+    torch.manual_seed(0)
+    backbone = ResNet(
+        BasicStem(in_channels=3, out_channels=64, norm="FrozenBN"),
+        ResNet.make_default_stages(depth=18, norm="FrozenBN"),
+        out_features=["res5"],
+        freeze_at=1,
+    )
+    head = DabDetrHead(
+        num_classes=num_classes, hidden_dim=32, num_queries=8, nheads=4, num_encoder_layers=1,
+        num_decoder_layers=2, dim_feedforward=64, **head_kwargs,
+    )
+    crit = SetCriterion(num_classes, HungarianMatcher()) if criterion else None
+    return DABDETR(backbone=backbone, head=head, criterion=crit, num_classes=num_classes, pixel_mean=MEAN,
+                   pixel_std=STD, num_select=num_select)
+
+
+def _image(h, w, seed):
+    return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def _assert_same_instances(a: Instances, b: Instances):
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.pred_classes, b.pred_classes)
+
+
+def test_inference_returns_k_sane_instances_at_the_requested_size():
+    model = _tiny_model(num_select=10).eval()
+    inputs = [{"image": _image(100, 150, 0), "height": 200, "width": 300}, {"image": _image(64, 70, 1)}]
+    with torch.no_grad():
+        outputs = model(inputs)
+    for out, (h, w) in zip(outputs, [(200, 300), (64, 70)]):
+        inst = out["instances"]
+        assert inst.image_size == (h, w) and len(inst) == 10
+        boxes = inst.pred_boxes.tensor
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 3] <= h).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert ((inst.scores >= 0) & (inst.scores <= 1)).all()
+        assert (inst.scores[:-1] >= inst.scores[1:]).all()
+        assert ((inst.pred_classes >= 0) & (inst.pred_classes < 4)).all()
+
+
+def test_inference_picks_top_query_class_pairs_and_scales_by_the_unpadded_size():
+    model = _tiny_model(num_select=2)
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 2, 1], logits[0, 0, 3] = 5.0, 3.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1], [0.5, 0.25, 1.0, 0.5]]])
+    (inst,) = model.inference(logits, boxes, [(40, 100)])
+    assert inst.pred_classes.tolist() == [1, 3]
+    torch.testing.assert_close(inst.scores, torch.tensor([5.0, 3.0]).sigmoid())
+    expected = torch.tensor([[0.0, 0.0, 100.0, 20.0], [40.0, 16.0, 60.0, 24.0]])
+    torch.testing.assert_close(inst.pred_boxes.tensor, expected)
+
+
+def test_an_images_result_does_not_depend_on_the_rest_of_the_batch():
+    model = _tiny_model().eval()
+    big, other_big, small = _image(128, 160, 0), _image(128, 160, 2), _image(70, 90, 1)
+    with torch.no_grad():
+        alone = model([{"image": big}])[0]["instances"]
+        first = model([{"image": big}, {"image": small}])
+        second = model([{"image": other_big}, {"image": small}])
+    _assert_same_instances(alone, first[0]["instances"])  # same padded size, the small image is masked out
+    _assert_same_instances(first[1]["instances"], second[1]["instances"])  # the neighbour's pixels do not leak
+
+
+def test_padding_mask_marks_cells_without_image_pixels():
+    images = ImageList(torch.zeros(2, 3, 96, 96), [(96, 96), (40, 30)])
+    mask = DABDETR.padding_mask(images, (3, 3))  # stride 32: cell (i, j) holds pixel rows 32i.., columns 32j..
+    expected = torch.tensor([[[False] * 3] * 3, [[False, True, True], [False, True, True], [True, True, True]]])
+    assert torch.equal(mask, expected)
+
+
+def test_training_returns_weighted_losses_and_frozen_parts_get_no_gradient():
+    model = _tiny_model().train()
+    inputs = []
+    for seed, (h, w) in enumerate([(96, 128), (64, 64)]):
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 50.0, 60.0]]))
+        inst.gt_classes = torch.tensor([2])
+        inputs.append({"image": _image(h, w, seed), "instances": inst})
+    losses = model(inputs)
+    assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0", "loss_bbox_0", "loss_giou_0"} <= set(losses)
+    sum(losses.values()).backward()
+    assert model.backbone.stem.conv1.weight.grad is None  # freeze_at=1
+    assert model.backbone.res2[0].conv1.weight.grad is not None
+    assert model.head.class_embed.weight.grad is not None
+    frozen_bn = [m for m in model.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen_bn and all(not list(m.parameters()) for m in frozen_bn)
+
+
+def test_targets_are_normalised_cxcywh_of_the_unpadded_image():
+    inst = Instances((50, 200))
+    inst.gt_boxes = Boxes(torch.tensor([[20.0, 10.0, 60.0, 30.0]]))
+    inst.gt_classes = torch.tensor([3])
+    (target,) = _tiny_model().prepare_targets([inst])
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.2, 0.4, 0.2, 0.4]]))
+    assert target["labels"].tolist() == [3]
+
+
+def test_training_without_criterion_is_a_clear_error():
+    model = _tiny_model(criterion=False).train()
+    with pytest.raises(RuntimeError, match="criterion"):
+        model([{"image": _image(64, 64, 0)}])
+
+
+def test_class_count_mismatches_are_errors():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="head.num_classes"):
+        DABDETR(backbone=model.backbone, head=model.head, criterion=None, num_classes=5, pixel_mean=MEAN,
+                pixel_std=STD)
+    with pytest.raises(ValueError, match="criterion.num_classes"):
+        DABDETR(backbone=model.backbone, head=model.head, criterion=SetCriterion(5, HungarianMatcher()),
+                num_classes=4, pixel_mean=MEAN, pixel_std=STD)
+
+
+def test_head_channels_must_match_the_backbone_feature():
+    model = _tiny_model()
+    head = DabDetrHead(256, num_classes=4, hidden_dim=32, num_queries=8, nheads=4)
+    with pytest.raises(ValueError, match="in_channels=256"):
+        DABDETR(backbone=model.backbone, head=head, criterion=None, num_classes=4, pixel_mean=MEAN, pixel_std=STD)
+    with pytest.raises(ValueError, match="in_feature"):
+        DABDETR(backbone=model.backbone, head=head, criterion=None, num_classes=4, pixel_mean=MEAN, pixel_std=STD,
+                in_feature="res4")
+
+
+def test_pixel_statistics_are_non_persistent_buffers_that_define_the_device():
+    model = _tiny_model()
+    assert model.device == torch.device("cpu")
+    assert "pixel_mean" not in model.state_dict()
+    assert dict(model.named_buffers())["pixel_std"].shape == (3, 1, 1)
+
+
+def test_builds_from_yacs_with_the_channel_count_read_from_the_backbone():
+    cfg = get_cfg()
+    add_dab_detr_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "DABDETR"
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT = MEAN, STD, "RGB"
+    c = cfg.MODEL.DAB_DETR
+    c.NUM_CLASSES, c.HIDDEN_DIM, c.NUM_QUERIES, c.ENC_LAYERS, c.DEC_LAYERS, c.DIM_FEEDFORWARD = 3, 32, 6, 1, 2, 64
+    c.NUM_PATTERNS, c.ANCHOR_INIT, c.FREEZE_ANCHOR_XY = 2, "spread", True
+    model = build_model(cfg)
+    assert isinstance(model, DABDETR)
+    assert model.head.input_proj.in_channels == 512  # R18's res5, read from backbone.output_shape()
+    assert model.num_classes == model.head.num_classes == model.criterion.num_classes == 3
+    assert model.head.transformer.num_patterns == 2 and hasattr(model.head, "anchor_xy")
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([{"image": _image(64, 96, 0)}])
+    assert len(out["instances"]) == 6 * 2 * 3  # num_select 300 capped at queries x classes
+
+
+SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+
+
+def test_all_model_configs_are_shipped():
+    names = {os.path.basename(f)[:-3] for f in SHIPPED}
+    assert names == {"dab_detr_r50", "dab_detr_r50_dc5", "dab_detr_r101", "dab_detr_r101_dc5",
+                     "dab_detr_r50_3patterns", "dab_detr_r50_dc5_3patterns"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.basename(p)[:-3])
+def test_shipped_config_instantiates(path):
+    name = os.path.basename(path)[:-3]
+    model = instantiate(LazyConfig.load(path).model)
+    assert isinstance(model, DABDETR) and model.num_classes == 80 and model.head.input_proj.in_channels == 2048
+    patterns = 3 if "3patterns" in name else 0
+    assert model.head.transformer.num_patterns == patterns
+    # DC5: res5 at stride 16, its block 0 undilated (torchvision / official convention)
+    dc5 = "dc5" in name
+    assert model.backbone.output_shape()["res5"].stride == (16 if dc5 else 32)
+    assert [b.conv2.dilation[0] for b in model.backbone.res5] == ([1, 2, 2] if dc5 else [1, 1, 1])
+    assert len(model.backbone.res4) == (23 if "r101" in name else 6)
+    # Released weights: plain DC5 used image PE temperature 10, every other variant 20.
+    assert model.head.position_embedding.temperature_h == (10 if name == "dab_detr_r50_dc5" else 20)
+    params = sum(p.numel() for p in model.parameters())
+    expected = R101_PARAMS if "r101" in name else R50_PARAMS
+    assert params == expected + patterns * 256
+
+
+def test_num_classes_is_set_in_one_place():
+    cfg = LazyConfig.load(os.path.join(CONFIG_DIR, "dab_detr_r50_3patterns.py"))
+    cfg.model.num_classes = 7
+    model = instantiate(cfg.model)
+    assert model.num_classes == model.head.num_classes == model.criterion.num_classes == 7
+    assert model.head.class_embed.out_features == 7
+
+
+@pytest.mark.parametrize("bad, match", [({"depth": 34}, "depth"), ({"res5_dilation": 4}, "res5_dilation")])
+def test_resnet_stages_rejects_unsupported_options(bad, match):
+    from dab_detr.meta_arch import resnet_stages
+
+    with pytest.raises(ValueError, match=match):
+        resnet_stages(**bad)
