@@ -1,0 +1,78 @@
+"""DAB-DETR trained from scratch on the embedded synthetic dataset, sized for a 2-core CPU (`make train`).
+
+Data: `dab_synthetic_{train,val}` (dab_detr/data/synthetic.py): 3,000 / 300 images of 128x128, 5 shape classes,
+1-6 objects each, generated on first use into ~/.cache/dab_detr (or $DAB_DETR_CACHE).
+
+What makes a DETR learn from scratch in minutes (DESIGN.md 5b, and our own runs; see README "Getting started"):
+- a tiny basic-block ResNet (1-1-1-1 blocks, 32/64/128/256 wide) read at stride 16, so 128 px gives 8x8 tokens;
+  trainable BN (FrozenBN is an identity without pretrained weights) and Kaiming init;
+- anchors spread over the image (`anchor_init="spread"`): all anchors at the centre barely learns;
+- lr 1e-3 everywhere (no pretrained backbone to protect), 100-iteration warm-up, cosine to 5 %, clip 1.0.
+"""
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.solver import WarmupParamScheduler
+from fvcore.common.param_scheduler import CosineParamScheduler
+from omegaconf import OmegaConf
+
+from dab_detr.backbone import small_resnet_stages
+from dab_detr.data import DetrDatasetMapper
+
+from .common.optim import AdamW as optimizer
+from .common.train import train
+from .models.dab_detr_r50 import model
+
+# --- model: 3.0M parameters ------------------------------------------------------------------------------------
+model.backbone = L(ResNet)(
+    stem=L(BasicStem)(in_channels=3, out_channels=32, norm="BN"),
+    stages=L(small_resnet_stages)(depths=[1, 1, 1, 1], widths=[32, 64, 128, 256], stem_width=32,
+                                  strides=[1, 2, 2, 1], norm="BN"),
+    out_features=["res5"],
+    freeze_at=0,
+)
+model.size_divisibility = 16
+model.head.hidden_dim = 128
+model.head.nheads = 8
+model.head.num_encoder_layers = 3
+model.head.num_decoder_layers = 3
+model.head.dim_feedforward = 512
+model.head.num_queries = 30  # up to 6 objects per image
+model.head.anchor_init = "spread"
+model.num_select = 100
+model.num_classes = 5  # taken from the dataset by tools/train_net.py anyway
+
+# --- data ------------------------------------------------------------------------------------------------------
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="dab_synthetic_train"),
+    mapper=L(DetrDatasetMapper)(augmentation=[L(T.RandomFlip)()], is_train=True, image_format="RGB"),
+    total_batch_size=16,
+    num_workers=1,  # one worker decodes ~1,000 images/s at 128 px; leave the cores to training
+)
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="dab_synthetic_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(augmentation=[], is_train=False, image_format="RGB"),
+    num_workers=1,
+    batch_size=16,
+)
+dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}", output_dir="${...train.output_dir}")
+
+# --- optimisation ----------------------------------------------------------------------------------------------
+optimizer.lr = 1e-3
+optimizer.params.lr_factor_func.factor = 1.0  # from scratch: the backbone trains at the full lr
+train.max_iter = 3000
+train.clip_grad.max_norm = 1.0
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(CosineParamScheduler)(start_value=1.0, end_value=0.05),
+    warmup_length=100 / 3000,  # 100 iterations, as a fraction of train.max_iter
+    warmup_method="linear",
+    warmup_factor=0.001,
+)
+train.eval_period = 1000
+train.checkpointer = dict(period=1000, max_to_keep=2)
+train.log_period = 50
+train.output_dir = "./output/synthetic"
+train.device = "cpu"
