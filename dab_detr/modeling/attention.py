@@ -27,7 +27,13 @@ def multi_head_attention(
     q = q.unflatten(-1, (num_heads, -1)).transpose(1, 2)
     k = k.unflatten(-1, (num_heads, -1)).transpose(1, 2)
     v = v.unflatten(-1, (num_heads, -1)).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    head_dim_v = v.shape[-1]
+    if head_dim_v < q.shape[-1]:
+        # SDPA's fused kernels need equal head dims; its unfused fallback is ~2x slower on CPU than the fused
+        # kernel with v zero-padded to the q/k head dim (the padded output columns are dropped, the scale is
+        # set by q anyway).
+        v = F.pad(v, (0, q.shape[-1] - head_dim_v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)[..., :head_dim_v]
     return out.transpose(1, 2).reshape(batch, len_q, -1)
 
 

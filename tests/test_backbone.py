@@ -1,0 +1,90 @@
+import copy
+
+import torch
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.structures import ImageList
+
+from dab_detr.backbone import FrozenBNConv2d, fold_frozen_batchnorm, small_resnet_stages
+from dab_detr.meta_arch import DABDETR
+from dab_detr.modeling.dab_detr_head import DabDetrHead
+
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def _randomise_frozen_bn(module, seed=0):
+    """Non-identity statistics: with the defaults (mean 0, var 1, affine 1/0) a dropped norm would go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return module
+
+
+def _r18(norm="FrozenBN", freeze_at=1):
+    torch.manual_seed(0)
+    return ResNet(BasicStem(in_channels=3, out_channels=64, norm=norm),
+                  ResNet.make_default_stages(depth=18, norm=norm), out_features=["res5"], freeze_at=freeze_at)
+
+
+def test_folding_keeps_the_state_dict_and_the_outputs():
+    reference = _randomise_frozen_bn(_r18())
+    folded = copy.deepcopy(reference)
+    state = reference.state_dict()
+    # every conv of an R18 has a FrozenBN: stem 1, 8 blocks x 2, 3 shortcuts
+    assert fold_frozen_batchnorm(folded) == 20
+    assert list(folded.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in folded.state_dict().items())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x)["res5"], reference(x)["res5"], rtol=1e-5, atol=1e-5)
+
+
+def test_folded_convolutions_train_like_conv_then_frozen_bn():
+    reference = _randomise_frozen_bn(_r18(freeze_at=0))
+    folded = copy.deepcopy(reference)
+    fold_frozen_batchnorm(folded)
+    x = torch.randn(2, 3, 64, 64)
+    for model in (reference, folded):
+        model(x)["res5"].square().mean().backward()
+    for (name, p), q in zip(reference.named_parameters(), folded.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(b.grad is None for b in folded.buffers())  # the BN statistics stay frozen
+
+
+def test_only_convolutions_with_frozen_bn_are_folded():
+    trainable_bn = ResNet(BasicStem(in_channels=3, out_channels=8, norm="BN"),
+                          small_resnet_stages(widths=(8, 16, 32, 32), stem_width=8), out_features=["res5"], freeze_at=0)
+    assert fold_frozen_batchnorm(trainable_bn) == 0
+    assert not any(isinstance(m, FrozenBNConv2d) for m in trainable_bn.modules())
+
+
+def test_a_norm_replaced_after_folding_is_applied_as_is():
+    conv = Conv2d(3, 4, kernel_size=1, bias=False, norm=FrozenBatchNorm2d(4))
+    fold_frozen_batchnorm(conv)
+    assert isinstance(conv, FrozenBNConv2d)
+    conv.norm = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        conv.norm.running_mean.fill_(3.0)
+        x = torch.randn(1, 3, 5, 5)
+        torch.testing.assert_close(conv(x), conv.norm(torch.nn.functional.conv2d(x, conv.weight)))
+
+
+def test_channels_last_backbone_gives_the_same_raw_outputs():
+    backbone = _randomise_frozen_bn(_r18())
+    head = DabDetrHead(num_classes=3, hidden_dim=32, num_queries=8, nheads=4, num_encoder_layers=1,
+                       num_decoder_layers=2, dim_feedforward=64)
+    model = DABDETR(backbone=backbone, head=head, criterion=None, num_classes=3, pixel_mean=MEAN,
+                    pixel_std=STD).eval()
+    assert model.channels_last  # the default
+    images = ImageList(torch.randn(2, 3, 96, 128), [(96, 128), (64, 96)])
+    with torch.no_grad():
+        fast = model.forward_raw(images)
+        model.channels_last = False
+        plain = model.forward_raw(images)
+    torch.testing.assert_close(fast["pred_logits"], plain["pred_logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast["pred_boxes"], plain["pred_boxes"], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,70 @@
+"""`benchmarks/compare_hf.py` end to end at a small size: it reports every metric, refuses to compare speed when the
+two models disagree, and the timing runs really used the same weights (same outputs, same first loss)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("timm")
+pytest.importorskip("fvcore")
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_hf.py")
+REQUIRED = {"infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb", "max_abs_diff", "gemm_efficiency"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("compare_hf", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(path):
+    with open(path) as f:
+        return {row["metric"]: row for row in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_quick_run_reports_agreement_and_every_metric(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours/HF" in proc.stdout  # the readable table
+    rows = _rows(out)
+    assert REQUIRED <= set(rows)
+    for row in rows.values():
+        assert {"metric", "ours", "hf", "ratio"} <= set(row) and row["quick"] is True
+    assert rows["max_abs_diff"]["ours"] <= 1e-4
+    # the training comparison started from the same weights and targets: the same loss
+    first = rows["train_first_loss"]
+    assert first["ours"] == pytest.approx(first["hf"], rel=1e-4)
+    for name in ("infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb"):
+        row = rows[name]
+        assert row["ours"] > 0 and row["hf"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
+    assert rows["gemm_efficiency"]["ours"] > 0
+    assert rows["train_step_512_ms"]["trainable_params"] > 0
+
+
+@pytest.mark.slow
+def test_no_speed_is_reported_when_outputs_disagree(tmp_path, monkeypatch):
+    script = _load_script()
+    build_ours = script.build_ours
+
+    def build_wrong_ours(state_dict, hf_format):
+        model = build_ours(state_dict, hf_format)
+        model.head.class_embed.bias.data += 1e-3  # a small but real difference
+        return model
+
+    monkeypatch.setattr(script, "build_ours", build_wrong_ours)
+    out = tmp_path / "bench.jsonl"
+    assert script.main(["--quick", "--threads", "1", "--json", str(out)]) == 1
+    rows = _rows(out)
+    assert set(rows) == {"max_abs_diff"}
+    assert rows["max_abs_diff"]["ours"] == pytest.approx(1e-3, rel=1e-2)
