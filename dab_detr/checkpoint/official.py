@@ -1,0 +1,70 @@
+"""Official DAB-DETR (IDEA-Research/DAB-DETR, `models/DAB_DETR`) state dict -> our `DABDETR` state dict.
+
+Our transformer keeps the official module names (`nn.MultiheadAttention`'s packed `in_proj_weight` in the encoder,
+`sa_*`/`ca_*` projections in the decoder, `ca_qpos_proj` in layer 0 only unless `keep_query_pos`), so the
+transformer moves under `head.` unchanged. What is renamed:
+
+- `backbone.0.body.*` (torchvision ResNet) -> detectron2 `backbone.stem/res2..res5.*`;
+- `refpoint_embed.weight` (anchor logits) -> `head.anchor_box_embed.weight` (a `freeze_anchor_xy` model splits it
+  on load);
+- `bbox_embed.*` -> `head.transformer.decoder.bbox_embed.*`; the official model registers the same module a second
+  time as `transformer.decoder.bbox_embed.*`: that copy is checked to be equal and dropped.
+
+The classifier keeps its 91 raw-COCO-id rows here; `classes.select_classes` maps them to 80 classes.
+"""
+from typing import Dict, List, Mapping
+
+import torch
+from torch import Tensor
+
+from .io import Conversion
+from .torchvision import torchvision_resnet_key
+
+__all__ = ["convert_official_state_dict"]
+
+_BACKBONE_PREFIX = "backbone.0.body."
+_TIED_BOX_PREFIX = "transformer.decoder.bbox_embed."
+# official module path -> ours; a key maps by its longest matching prefix, the rest of the key is kept
+_RENAMES = {
+    "refpoint_embed": "head.anchor_box_embed",
+    "bbox_embed": "head.transformer.decoder.bbox_embed",
+    "class_embed": "head.class_embed",
+    "input_proj": "head.input_proj",
+    "transformer": "head.transformer",
+}
+
+
+def _rename(key: str):
+    for old in sorted(_RENAMES, key=len, reverse=True):
+        if key.startswith(old + "."):
+            return _RENAMES[old] + key[len(old):]
+    return None
+
+
+def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
+    """Rename an official DAB-DETR `checkpoint["model"]` into `DABDETR`'s layout (see the module doc).
+
+    Keys that map to nothing (e.g. a Swin backbone, segmentation heads) are returned in `unused_keys`.
+    """
+    out: Dict[str, Tensor] = {}
+    unused: List[str] = []
+    ignored: List[str] = []
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            ignored.append(key)
+            continue
+        twin = "bbox_embed." + key[len(_TIED_BOX_PREFIX):]
+        if key.startswith(_TIED_BOX_PREFIX) and twin in state_dict:  # alone, it maps like any transformer key
+            if not torch.equal(state_dict[twin], value):
+                raise ValueError(f"official checkpoint: {key} differs from {twin}; both box heads must be tied")
+            ignored.append(key)
+            continue
+        if key.startswith(_BACKBONE_PREFIX):
+            new_key = torchvision_resnet_key(key[len(_BACKBONE_PREFIX):])
+        else:
+            new_key = _rename(key)
+        if new_key is None:
+            unused.append(key)
+        else:
+            out[new_key] = value
+    return Conversion(out, unused, ignored)
