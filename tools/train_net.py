@@ -8,20 +8,35 @@
 
 Everything model-specific lives in `dab_detr`; this file only wires detectron2's trainer, hooks, checkpointer,
 evaluator and `launch` together (as detectron2's tools/lazyconfig_train_net.py does), adding gradient clipping,
-AMP, the class count taken from the dataset, and `--register-coco`.
+AMP, the class count taken from the dataset, `--register-coco`, checked overrides, an exactly resumable data
+stream, and one-line errors for bad data/configuration (docs/reliability.md). Without a GPU, `--num-gpus N`
+starts N CPU processes (gloo).
 """
 import logging
 import re
 import sys
 
-from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.config import instantiate
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import dab_detr  # noqa: F401  (registers DABDETR and the embedded dataset)
-from dab_detr.engine import DetrCheckpointer, DetrTrainer, register_coco_datasets, sync_num_classes
+from dab_detr.engine import (
+    DetrCheckpointer,
+    DetrTrainer,
+    ParametersInSyncCheck,
+    apply_overrides_checked,
+    build_train_loader,
+    check_train_config,
+    create_ddp_model,
+    launch_cli,
+    load_lazy_config,
+    log_to_file,
+    register_coco_datasets,
+    set_cpu_threads,
+    sync_num_classes,
+)
 
 logger = logging.getLogger("dab_detr")
 
@@ -49,14 +64,13 @@ def _explicit_num_classes(opts):
 
 
 def load_config(args):
-    """LazyConfig + command-line overrides + the class count from the dataset(s)."""
+    """LazyConfig + checked command-line overrides + the class count from the dataset(s), checked."""
     register_coco_datasets(args.register_coco)
-    cfg = LazyConfig.load(args.config_file)
-    try:
-        cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    except Exception as e:
-        raise ValueError(f"{args.config_file}: cannot apply overrides {args.opts}: {e}") from e
+    cfg = apply_overrides_checked(load_lazy_config(args.config_file), args.opts)
     sync_num_classes(cfg, explicit=_explicit_num_classes(args.opts))
+    check_train_config(
+        cfg, world_size=max(1, args.num_gpus) * args.num_machines, resume=args.resume, eval_only=args.eval_only
+    )
     return cfg
 
 
@@ -78,7 +92,7 @@ def do_train(args, cfg):
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = build_train_loader(cfg.dataloader.train, seed=cfg.train.get("seed"))
 
     model = create_ddp_model(model, **cfg.train.ddp)
     clip = cfg.train.get("clip_grad", {"enabled": False})
@@ -87,6 +101,7 @@ def do_train(args, cfg):
         clip_max_norm=clip.max_norm if clip.get("enabled", False) else None,
         clip_norm_type=clip.get("norm_type", 2.0),
         amp=cfg.train.amp.enabled,
+        seed=cfg.train.get("seed"),
     )
     checkpointer = DetrCheckpointer(
         model, cfg.train.output_dir, trainer=trainer, reinit_classifier=args.reinit_classifier
@@ -95,6 +110,7 @@ def do_train(args, cfg):
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            ParametersInSyncCheck(model),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
@@ -114,6 +130,8 @@ def do_train(args, cfg):
 def main(args):
     cfg = load_config(args)
     default_setup(cfg, args)
+    log_to_file(cfg.train.output_dir)
+    set_cpu_threads()
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
@@ -125,14 +143,7 @@ def main(args):
 
 def cli(argv=None):
     args = build_parser().parse_args(argv)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_cli(main, args, precheck=load_config)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,77 @@
 """detectron2's checkpointer with crash-safe writes and loud shape checks."""
+import glob
 import os
+import re
 from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .errors import CheckpointError, MissingFileError
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to `path.tmp`, flush to disk, then rename over `path`: a crash leaves the old file intact."""
+_TMP_SUFFIX = re.compile(r"\.tmp\.(\d+)$")
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable (a power cut could otherwise undo it); best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write, mode: str = "wb") -> None:
+    """`write(file)` into `path.tmp.<pid>`, flush it to disk, then rename it over `path` (atomic on POSIX): a
+    process killed at any point leaves either the old or the new `path`, never a partial one."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def _atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporary_files(save_dir: str) -> list:
+    """Delete `*.tmp.<pid>` files left in `save_dir` by processes killed while saving; returns their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(save_dir), "*.tmp.*")):
+        m = _TMP_SUFFIX.search(path)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 class DetrCheckpointer(DetectionCheckpointer):
@@ -37,13 +82,15 @@ class DetrCheckpointer(DetectionCheckpointer):
     - refuses to load a checkpoint whose tensors have different shapes from the model's (detectron2 only warns and
       silently keeps random weights). A different class count is named as such, and `reinit_classifier=True` drops
       the classifier from the checkpoint instead (fine-tuning on a dataset with other classes);
-    - names the file when it is not a readable checkpoint.
+    - names the file when it is not a readable checkpoint;
+    - removes temporary files left by a process killed mid-save before its first save.
     """
 
     def __init__(self, model, save_dir: str = "", *, reinit_classifier: bool = False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.reinit_classifier = reinit_classifier
         self._loading = "<checkpoint>"
+        self._cleaned = False
 
     # -- saving --------------------------------------------------------------------------------------------------
     def save(self, name: str, **kwargs: Any) -> None:
@@ -54,6 +101,10 @@ class DetrCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         data.update(kwargs)
         save_file = os.path.join(self.save_dir, f"{name}.pth")
+        if not self._cleaned:
+            for path in remove_stale_temporary_files(self.save_dir):
+                self.logger.info(f"Removed {path}, left by a process killed while saving")
+            self._cleaned = True
         self.logger.info("Saving checkpoint to {}".format(save_file))
         _atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(os.path.basename(save_file))
@@ -66,7 +117,7 @@ class DetrCheckpointer(DetectionCheckpointer):
         if path and not path.startswith(("detectron2://", "http://", "https://")):
             local = self.path_manager.get_local_path(path)
             if not os.path.isfile(local):
-                raise FileNotFoundError(f"Checkpoint file not found: {path}")
+                raise MissingFileError(f"Checkpoint file not found: {path}")
         self._loading = path
         return super().load(path, *args, **kwargs)
 
@@ -74,14 +125,13 @@ class DetrCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except Exception as e:  # unpickling / zip errors come in many types; all mean the same to a user
-            raise RuntimeError(
-                f"{filename}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            ) from e
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            raise CheckpointError(f"{filename}: not a readable checkpoint ({type(e).__name__}: {first_line})") from e
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         state = checkpoint.get("model")
         if not isinstance(state, dict):
-            raise ValueError(f"{self._loading}: no 'model' state dict in this checkpoint")
+            raise CheckpointError(f"{self._loading}: no 'model' state dict in this checkpoint")
         own = self.model.state_dict()
         mismatched = {
             k: (tuple(v.shape), tuple(own[k].shape))
@@ -95,11 +145,13 @@ class DetrCheckpointer(DetectionCheckpointer):
                 del state[k], mismatched[k]
         elif cls_keys:
             ckpt_n, model_n = mismatched[cls_keys[0]][0][0], mismatched[cls_keys[0]][1][0]
-            raise ValueError(
+            raise CheckpointError(
                 f"{self._loading}: the checkpoint has {ckpt_n} classes but the model has {model_n} (from the "
                 "dataset's categories). Pass --reinit-classifier to train a new classifier from these weights."
             )
         if mismatched:
             details = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in sorted(mismatched.items()))
-            raise ValueError(f"{self._loading}: tensor shapes differ from the model (another architecture?): {details}")
+            raise CheckpointError(
+                f"{self._loading}: tensor shapes differ from the model (another architecture?): {details}"
+            )
         return super()._load_model(checkpoint)

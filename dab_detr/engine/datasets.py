@@ -1,48 +1,39 @@
 """Datasets named on the command line, and the class count taken from them in one place."""
-import json
+import functools
 import logging
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+
+from .coco_json import coco_category_names, load_coco_detection_json
+from .errors import ConfigError, DatasetError, MissingFileError
 
 logger = logging.getLogger(__name__)
-
-
-def _coco_category_names(json_file: str) -> List[str]:
-    """Category names of a COCO json, ordered by id (the order detectron2's `load_coco_json` uses)."""
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file}: not valid JSON ({e})") from e
-    cats = data.get("categories") if isinstance(data, dict) else None
-    if not cats:
-        raise ValueError(f"{json_file}: no 'categories' list (a COCO-format json needs one)")
-    for i, c in enumerate(cats):
-        if not isinstance(c, dict) or "id" not in c or "name" not in c:
-            raise ValueError(f"{json_file}: categories[{i}] needs an 'id' and a 'name', got {c!r}")
-    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
 
 
 def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
     """Register `(name, json_file, image_root)` triples as COCO-format datasets (`--register-coco`).
 
-    The class names are read from the json now, so the class count is known before the model is built.
+    The class names are read from the json now, so the class count is known before the model is built; the
+    annotations are loaded (and checked, see `coco_json.load_coco_detection_json`) when the dataset is first used.
     """
     names = []
     for name, json_file, image_root in specs:
         if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"--register-coco {name}: annotation file not found: {json_file}")
+            raise MissingFileError(f"--register-coco {name}: annotation file not found: {json_file}")
         if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"--register-coco {name}: image folder not found: {image_root}")
-        classes = _coco_category_names(json_file)
+            raise MissingFileError(f"--register-coco {name}: image folder not found: {image_root}")
+        classes = coco_category_names(json_file)
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, json_file, image_root)
-        MetadataCatalog.get(name).set(thing_classes=classes)
+        DatasetCatalog.register(
+            name, functools.partial(load_coco_detection_json, json_file, image_root, name)
+        )
+        MetadataCatalog.get(name).set(
+            json_file=json_file, image_root=image_root, evaluator_type="coco", thing_classes=classes
+        )
         logger.info(f"Registered COCO-format dataset {name!r}: {len(classes)} classes, {json_file}")
         names.append(name)
     return names
@@ -54,19 +45,19 @@ def num_classes_of(dataset_names: Union[str, Sequence[str]]) -> int:
     counts = {}
     for name in names:
         if name not in DatasetCatalog.list():
-            raise KeyError(f"Dataset {name!r} is not registered (use --register-coco NAME JSON IMAGE_ROOT)")
+            raise ConfigError(f"Dataset {name!r} is not registered (use --register-coco NAME JSON IMAGE_ROOT)")
         meta = MetadataCatalog.get(name)
         classes = meta.get("thing_classes")
         if classes is None and meta.get("json_file"):
-            classes = _coco_category_names(meta.json_file)
+            classes = coco_category_names(meta.json_file)
         if classes is None:
             DatasetCatalog.get(name)  # loaders usually fill the metadata
             classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is None:
-            raise ValueError(f"Dataset {name!r} has no thing_classes metadata: cannot tell its class count")
+            raise DatasetError(f"Dataset {name!r} has no thing_classes metadata: cannot tell its class count")
         counts[name] = len(classes)
     if len(set(counts.values())) != 1:
-        raise ValueError(f"Datasets disagree on the number of classes: {counts}")
+        raise ConfigError(f"Datasets disagree on the number of classes: {counts}")
     return next(iter(counts.values()))
 
 
@@ -82,7 +73,7 @@ def sync_num_classes(cfg, explicit: Optional[int] = None) -> int:
         names += [n for n in _as_list(test.dataset.names) if n not in names]
     n = num_classes_of(names)
     if explicit is not None and explicit != n:
-        raise ValueError(
+        raise ConfigError(
             f"model.num_classes={explicit} was given, but the dataset(s) {names} have {n} categories. "
             "Drop the override: the class count is taken from the dataset."
         )

@@ -1,11 +1,20 @@
 """One DETR training step: forward, non-finite check, backward, gradient clipping, optimizer step."""
+import logging
+import random
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+
+from .errors import NonFiniteLossError
+from .train_loader import derived_seed
+
+logger = logging.getLogger(__name__)
 
 
 class DetrTrainer(SimpleTrainer):
@@ -14,7 +23,10 @@ class DetrTrainer(SimpleTrainer):
     - gradient-norm clipping over all parameters (`clip_max_norm`; DETR recipes use 0.1), logged as `grad_norm`;
     - optional AMP: fp16 + `GradScaler` on CUDA, bf16 autocast on CPU;
     - a non-finite loss (or, in fp32, a non-finite gradient norm) stops training at that iteration with every loss
-      term named, on every rank at once (so distributed runs fail instead of hanging), before the weights change.
+      term named, on every rank at once (so distributed runs fail instead of hanging), before the weights change;
+    - with a `seed`, the global RNGs (dropout, ...) are re-seeded from (seed, rank, iteration) before each step and
+      the data loader (if it has `set_start_iter`, like `ResumableTrainLoader`) starts at the start iteration, so
+      a run resumed from a checkpoint continues exactly as the uninterrupted run would have.
     """
 
     def __init__(
@@ -26,9 +38,11 @@ class DetrTrainer(SimpleTrainer):
         clip_max_norm: Optional[float] = 0.1,
         clip_norm_type: float = 2.0,
         amp: bool = False,
+        seed: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(model, data_loader, optimizer, **kwargs)
+        self.seed = None if seed is None or seed < 0 else int(seed)
         if clip_max_norm is not None and clip_max_norm <= 0:
             raise ValueError(f"train.clip_grad.max_norm must be > 0 (or clipping disabled), got {clip_max_norm}")
         self.clip_max_norm = clip_max_norm
@@ -44,6 +58,8 @@ class DetrTrainer(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        if self.seed is not None:
+            self._seed_iteration()
 
         with torch.autocast(self._device_type, dtype=self._amp_dtype, enabled=self.amp):
             loss_dict = self.model(data)
@@ -69,6 +85,24 @@ class DetrTrainer(SimpleTrainer):
         else:
             self.optimizer.step()
 
+    def train(self, start_iter: int, max_iter: int):
+        set_start = getattr(self.data_loader, "set_start_iter", None)
+        if set_start is not None:
+            set_start(start_iter)
+        elif start_iter > 0:
+            logger.warning(
+                f"The train loader ({type(self.data_loader).__name__}) cannot skip to iteration {start_iter}: "
+                "the resumed run sees its data stream from the beginning"
+            )
+        super().train(start_iter, max_iter)
+
+    def _seed_iteration(self):
+        # After the data is fetched: with num_workers=0 the mapper runs in this process.
+        seed = derived_seed(self.seed, comm.get_rank(), self.iter)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
     def _clip_gradients(self):
         if self.clip_max_norm is None:
             return None
@@ -76,7 +110,7 @@ class DetrTrainer(SimpleTrainer):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm, self.clip_norm_type)
         # With a GradScaler, inf/NaN gradients are expected now and then: the scaler skips that step.
         if self.grad_scaler is None and not torch.isfinite(grad_norm):
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"Non-finite gradient norm ({float(grad_norm)}) at iteration {self.iter}; "
                 "the weights were not updated. Lower the learning rate or check the data of this iteration."
             )
@@ -89,7 +123,7 @@ class DetrTrainer(SimpleTrainer):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not bool(finite):
             terms = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(loss_dict.items()))
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"Loss became infinite or NaN at iteration {self.iter} (on at least one worker); "
                 f"the weights were not updated. This worker's losses: {terms}"
             )
