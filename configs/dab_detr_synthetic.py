@@ -63,15 +63,15 @@ dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}", 
 # --- optimisation ----------------------------------------------------------------------------------------------
 optimizer.lr = 1e-3
 optimizer.params.lr_factor_func.factor = 1.0  # from scratch: the backbone trains at the full lr
-train.max_iter = 3000
+train.max_iter = 4000
 train.clip_grad.max_norm = 1.0
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(CosineParamScheduler)(start_value=1.0, end_value=0.05),
-    warmup_length=100 / 3000,  # 100 iterations, as a fraction of train.max_iter
+    warmup_length=100 / 4000,  # 100 iterations, as a fraction of train.max_iter
     warmup_method="linear",
     warmup_factor=0.001,
 )
-train.eval_period = 1000
+train.eval_period = 500
 train.checkpointer = dict(period=1000, max_to_keep=2)
 train.log_period = 50
 train.output_dir = "./output/synthetic"

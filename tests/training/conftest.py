@@ -1,0 +1,35 @@
+import os
+
+import pytest
+
+from dab_detr.data.synthetic import SyntheticParams, generate_synthetic_dataset
+
+_TINY_MODEL = [
+    "model.backbone.stem.out_channels=8",
+    "model.backbone.stages.stem_width=8",
+    "model.backbone.stages.widths=[8,16,32,32]",
+    "model.head.hidden_dim=32",
+    "model.head.nheads=4",
+    "model.head.num_encoder_layers=1",
+    "model.head.num_decoder_layers=2",
+    "model.head.dim_feedforward=64",
+    "model.head.num_queries=10",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_overrides():
+    """Command-line overrides that shrink configs/dab_detr_synthetic.py to a model that trains in seconds."""
+    return list(_TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory):
+    """A small COCO-format dataset on disk: 3 classes (not the synthetic default's 5), 64 px images."""
+    root = tmp_path_factory.mktemp("tiny_coco")
+    params = SyntheticParams(num_train=16, num_val=8, image_size=64, num_classes=3, max_objects=3, seed=7)
+    folder = generate_synthetic_dataset(params, str(root))
+    return {
+        split: (os.path.join(folder, "annotations", f"instances_{split}.json"), os.path.join(folder, split))
+        for split in ("train", "val")
+    }
