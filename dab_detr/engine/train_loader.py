@@ -109,11 +109,15 @@ class TrainBatchSchedule:
 
 @contextlib.contextmanager
 def _seeded_rngs(seed: int, restore: bool):
-    """Seed python's, numpy's and torch's global RNGs; restore their states afterwards if `restore`."""
+    """Seed python's, numpy's and torch's (CPU) global RNGs; restore their states afterwards if `restore`.
+
+    Mappers run on the CPU, so only torch's CPU generator is seeded: `torch.manual_seed` would also seed every CUDA
+    device, which in a CUDA build of torch costs ~0.7 ms a call even without a GPU (a third of the data time).
+    """
     saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
