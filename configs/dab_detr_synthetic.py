@@ -50,7 +50,9 @@ dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="dab_synthetic_train"),
     mapper=L(DetrDatasetMapper)(augmentation=[L(T.RandomFlip)()], is_train=True, image_format="RGB"),
     total_batch_size=16,
-    num_workers=1,  # one worker decodes ~1,000 images/s at 128 px; leave the cores to training
+    # In-process loading (~900 images/s at 128 px, 8% of a step) beats a worker process here: with 2 cores, a
+    # worker steals time from the training threads (measured 0.227 vs 0.244 s/iteration).
+    num_workers=0,
 )
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="dab_synthetic_val", filter_empty=False),
@@ -63,11 +65,11 @@ dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}", 
 # --- optimisation ----------------------------------------------------------------------------------------------
 optimizer.lr = 1e-3
 optimizer.params.lr_factor_func.factor = 1.0  # from scratch: the backbone trains at the full lr
-train.max_iter = 4000
+train.max_iter = 3000  # x 16 = 48,000 images = 16 epochs; ~0.23 s/iteration on 2 cores
 train.clip_grad.max_norm = 1.0
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(CosineParamScheduler)(start_value=1.0, end_value=0.05),
-    warmup_length=100 / 4000,  # 100 iterations, as a fraction of train.max_iter
+    warmup_length=100 / 3000,  # 100 iterations, as a fraction of train.max_iter
     warmup_method="linear",
     warmup_factor=0.001,
 )
