@@ -1,6 +1,6 @@
 """Our DAB-DETR R50 vs HuggingFace `DabDetrForObjectDetection`: speed, memory and FLOP efficiency, same weights.
 
-    python benchmarks/compare_hf.py [--json results.jsonl] [--threads 2] [--quick]
+    python benchmarks/compare_hf.py [--json results.jsonl] [--threads 2] [--quick] [--device cuda] [--amp]
 
 One process builds both models (HF's with random weights, ours loaded from it by `dab_detr.checkpoint.hf`), checks
 that their outputs agree to 1e-4 on the benchmark input (otherwise it reports no timings and exits 1), then times
@@ -14,6 +14,11 @@ them alternately (ABBA order, medians after warm-up, the same input and thread c
 - FLOPs (fvcore, one multiply-add = 2 FLOPs) and the achieved GFLOP/s next to a plain fp32 GEMM's GFLOP/s
   measured in the same run.
 The machine's load (load average, busy cores outside this process) is recorded: rerun when others were busy.
+
+`--device cuda` runs the same comparison on a GPU (timings synchronised with the device, peak memory from the CUDA
+allocator in this process, the GEMM on the GPU) and adds a training step at 2x3x800x1333; every run also reports
+inference FPS and training images/s. `--amp` times both models under autocast (fp16 with a GradScaler on CUDA,
+bf16 on the CPU); the output agreement is always checked in fp32 first.
 """
 import argparse
 import contextlib
@@ -41,6 +46,8 @@ NUM_CLASSES = 80
 AGREEMENT_TOL = 1e-4
 FULL = {"infer": [(640, 640), (800, 1333)], "train": (512, 512), "warmup": 2, "runs": 7, "train_runs": 5}
 QUICK = {"infer": [(96, 96)], "train": (64, 64), "warmup": 1, "runs": 2, "train_runs": 2}
+GPU = {"infer": [(640, 640), (800, 1333)], "train": (512, 512), "train_extra": [(800, 1333)], "warmup": 5,
+       "runs": 30, "train_runs": 20}
 
 
 # --- models ------------------------------------------------------------------------------------------------------
@@ -92,11 +99,11 @@ def trainable_count(model) -> int:
 
 
 # --- inputs and steps --------------------------------------------------------------------------------------------
-def make_images(batch: int, size: Tuple[int, int], seed: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+def make_images(batch: int, size: Tuple[int, int], seed: int = 3, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def make_targets(batch: int, seed: int = 4) -> List[Dict[str, torch.Tensor]]:
+def make_targets(batch: int, seed: int = 4, device: str = "cpu") -> List[Dict[str, torch.Tensor]]:
     """Targets in our format (labels, normalised cxcywh boxes): 3, 5, ... boxes per image."""
     g = torch.Generator().manual_seed(seed)
     targets = []
@@ -108,7 +115,17 @@ def make_targets(batch: int, seed: int = 4) -> List[Dict[str, torch.Tensor]]:
             "labels": torch.randint(0, NUM_CLASSES, (n,), generator=g),
             "boxes": torch.cat((center, size), dim=1),
         })
-    return targets
+    return [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def autocast(device: str, enabled: bool):
+    """Mixed precision as our trainer does it: fp16 on CUDA (with a GradScaler in training), bf16 on the CPU."""
+    return torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16, enabled=enabled)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def ours_infer(model, images: torch.Tensor) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
@@ -124,7 +141,7 @@ def ours_infer(model, images: torch.Tensor) -> Callable[[], Tuple[torch.Tensor, 
 
 
 def hf_infer(model, images: torch.Tensor) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
-    pixel_mask = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.long)
+    pixel_mask = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.long, device=images.device)
 
     def run():
         out = model(pixel_values=images, pixel_mask=pixel_mask)
@@ -137,41 +154,45 @@ def _adamw(model) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
 
 
-def ours_train_step(model, images: torch.Tensor, targets) -> Callable[[], float]:
+def _train_step(model, loss_fn: Callable[[], torch.Tensor], amp: bool) -> Callable[[], torch.Tensor]:
+    """forward + loss (`loss_fn`, under autocast if `amp`) + backward + AdamW step; a GradScaler for fp16."""
+    device = next(model.parameters()).device.type
+    optimizer = _adamw(model)
+    scaler = torch.amp.GradScaler(device) if amp and device == "cuda" else None
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = loss_fn()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def ours_train_step(model, images: torch.Tensor, targets, amp: bool = False) -> Callable[[], torch.Tensor]:
     from detectron2.structures import ImageList
 
     image_list = ImageList(images, [tuple(images.shape[-2:])] * images.shape[0])
-    optimizer = _adamw(model)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        losses = model.criterion(model.forward_raw(image_list), targets)
-        loss = sum(losses.values())
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return step
+    return _train_step(model, lambda: sum(model.criterion(model.forward_raw(image_list), targets).values()), amp)
 
 
-def hf_train_step(model, images: torch.Tensor, targets) -> Callable[[], float]:
-    pixel_mask = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.long)
+def hf_train_step(model, images: torch.Tensor, targets, amp: bool = False) -> Callable[[], torch.Tensor]:
+    pixel_mask = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.long, device=images.device)
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-    optimizer = _adamw(model)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return step
+    return _train_step(model, lambda: model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss, amp)
 
 
 # --- measurement -------------------------------------------------------------------------------------------------
-def alternate(fns: Dict[str, Callable], warmup: int, runs: int) -> Dict[str, List[float]]:
-    """Seconds per call of each function, called in turns (ABBA order, so drift hits both alike)."""
+def alternate(fns: Dict[str, Callable], warmup: int, runs: int, device: str = "cpu") -> Dict[str, List[float]]:
+    """Seconds per call of each function, called in turns (ABBA order, so drift hits both alike); each call is
+    timed to the end of its device work."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -179,22 +200,19 @@ def alternate(fns: Dict[str, Callable], warmup: int, runs: int) -> Dict[str, Lis
     times = {name: [] for name in names}
     for i in range(runs):
         for name in names if i % 2 == 0 else reversed(names):
+            synchronize(device)
             start = time.perf_counter()
             fns[name]()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def gemm_gflops(n: int = 2048, runs: int = 5) -> float:
-    """GFLOP/s of a plain fp32 n x n x n matmul (2 n^3 FLOPs), median of `runs`."""
+def gemm_gflops(n: int = 2048, runs: int = 5, device: str = "cpu") -> float:
+    """GFLOP/s of a plain fp32 n x n x n matmul (2 n^3 FLOPs) on `device`, median of `runs`."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    a @ b
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
+    a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
+    times = alternate({"gemm": lambda: a @ b}, 1, runs, device)["gemm"]
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
@@ -309,19 +327,20 @@ def memory_worker(args) -> None:
     del state
     result = {}
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast("cpu", args.amp):
         result["infer"] = _peak_rss_increase(infer(model, make_images(1, tuple(args.infer_size))))
     model.train()
-    result["train"] = _peak_rss_increase(train_step(model, make_images(2, tuple(args.train_size)), make_targets(2)))
+    step = train_step(model, make_images(2, tuple(args.train_size)), make_targets(2), args.amp)
+    result["train"] = _peak_rss_increase(step)
     print(json.dumps(result))
 
 
-def measure_memory(name: str, weights: str, plan, threads: int) -> Dict[str, Tuple[float, float, str]]:
+def measure_memory(name: str, weights: str, plan, threads: int, amp: bool) -> Dict[str, Tuple[float, float, str]]:
     """Run `memory_worker` for model `name` in a fresh Python process."""
     infer_size, train_size = plan["infer"][0], plan["train"]
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--weights", weights, "--threads", str(threads),
            "--infer-size", str(infer_size[0]), str(infer_size[1]),
-           "--train-size", str(train_size[0]), str(train_size[1])]
+           "--train-size", str(train_size[0]), str(train_size[1])] + (["--amp"] if amp else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker for {name} failed:\n{proc.stderr[-3000:]}")
@@ -354,32 +373,38 @@ class Report:
         print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def time_inference(report: Report, ours, hf, plan) -> None:
-    with torch.no_grad():
+def time_inference(report: Report, ours, hf, plan, device: str, amp: bool) -> None:
+    with torch.no_grad(), autocast(device, amp):
         for i, size in enumerate(plan["infer"]):
             report.log(f"inference 1x3x{size[0]}x{size[1]}")
-            images = make_images(1, size)
+            images = make_images(1, size, device=device)
             times = alternate({"ours": ours_infer(ours, images), "hf": hf_infer(hf, images)},
-                              plan["warmup"], plan["runs"])
+                              plan["warmup"], plan["runs"], device)
+            shape = f"1x3x{size[0]}x{size[1]}"
             name = "infer_640_ms" if i == 0 else f"infer_{size[0]}x{size[1]}_ms"
-            report.add(name, 1e3 * statistics.median(times["ours"]), 1e3 * statistics.median(times["hf"]),
-                       shape=f"1x3x{size[0]}x{size[1]}", runs=plan["runs"])
+            ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            report.add(name, ms["ours"], ms["hf"], shape=shape, runs=plan["runs"])
+            report.add(f"infer_fps_{size[0]}x{size[1]}", 1e3 / ms["ours"], 1e3 / ms["hf"], shape=shape)
 
 
-def time_training(report: Report, ours, hf, plan) -> None:
+def time_training(report: Report, ours, hf, plan, device: str, amp: bool) -> None:
     ours.train(), hf.train()
     trainable = (trainable_count(ours), trainable_count(hf))
     if trainable[0] != trainable[1]:
         raise RuntimeError(f"trainable parameter counts differ: ours {trainable[0]}, HF {trainable[1]}")
-    size = plan["train"]
-    report.log(f"training step 2x3x{size[0]}x{size[1]}")
-    images, targets = make_images(2, size), make_targets(2)
-    steps = {"ours": ours_train_step(ours, images, targets), "hf": hf_train_step(hf, images, targets)}
-    first_loss = {name: float(step()) for name, step in steps.items()}  # same weights: the same loss expected
-    times = alternate(steps, plan["warmup"] - 1, plan["train_runs"])
-    report.add("train_step_512_ms", 1e3 * statistics.median(times["ours"]), 1e3 * statistics.median(times["hf"]),
-               shape=f"2x3x{size[0]}x{size[1]}", runs=plan["train_runs"], trainable_params=trainable[0])
-    report.add("train_first_loss", first_loss["ours"], first_loss["hf"])
+    for i, size in enumerate([plan["train"]] + plan.get("train_extra", [])):
+        report.log(f"training step 2x3x{size[0]}x{size[1]}")
+        images, targets = make_images(2, size, device=device), make_targets(2, device=device)
+        steps = {"ours": ours_train_step(ours, images, targets, amp), "hf": hf_train_step(hf, images, targets, amp)}
+        first_loss = {name: float(step()) for name, step in steps.items()}  # same weights: the same loss expected
+        times = alternate(steps, plan["warmup"] - 1, plan["train_runs"], device)
+        shape = f"2x3x{size[0]}x{size[1]}"
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        name = "train_step_512_ms" if i == 0 else f"train_step_{size[0]}x{size[1]}_ms"
+        report.add(name, ms["ours"], ms["hf"], shape=shape, runs=plan["train_runs"], trainable_params=trainable[0])
+        report.add(f"train_images_per_s_{size[0]}x{size[1]}", 2e3 / ms["ours"], 2e3 / ms["hf"], shape=shape)
+        if i == 0:
+            report.add("train_first_loss", first_loss["ours"], first_loss["hf"])
     ours.eval(), hf.eval()
 
 
@@ -401,15 +426,48 @@ def flop_efficiency(report: Report, ours, hf, images: torch.Tensor, gemm: float)
     report.add("gemm_efficiency", achieved["ours"] / gemm, achieved["hf"] / gemm)
 
 
-def peak_memory(report: Report, ours, hf, plan, threads: int) -> None:
-    """Peak RSS increase of inference and of training, each model in its own fresh process, same weights."""
-    report.log("peak memory (one fresh process per model)")
-    with tempfile.TemporaryDirectory() as tmp:
-        mem = {}
-        for name, model in (("ours", ours), ("hf", hf)):
-            path = os.path.join(tmp, name + ".pth")
-            torch.save(model.state_dict(), path)
-            mem[name] = measure_memory(name, path, plan, threads)
+def _cuda_peak_increase(run: Callable, calls: int = 2) -> Tuple[float, float, str]:
+    """`_peak_rss_increase` for the CUDA allocator: (peak allocated above the current allocation, current), MiB."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(calls):
+        run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20, baseline / 2**20, "torch.cuda.max_memory_allocated"
+
+
+def cuda_memory(ours, hf, plan, amp: bool) -> Dict[str, Dict[str, Tuple[float, float, str]]]:
+    """Peak CUDA memory of inference and of training, in this process (the allocator counts per call)."""
+    mem = {}
+    for name, model, infer, train_step in (("ours", ours, ours_infer, ours_train_step), ("hf", hf, hf_infer,
+                                                                                        hf_train_step)):
+        model.eval()
+        with torch.no_grad(), autocast("cuda", amp):
+            infer_mem = _cuda_peak_increase(infer(model, make_images(1, plan["infer"][0], device="cuda")))
+        model.train()
+        step = train_step(model, make_images(2, plan["train"], device="cuda"), make_targets(2, device="cuda"), amp)
+        mem[name] = {"infer": infer_mem, "train": _cuda_peak_increase(step)}
+        model.eval()
+    return mem
+
+
+def peak_memory(report: Report, ours, hf, plan, threads: int, device: str, amp: bool) -> None:
+    """Peak memory increase of inference and of training, same weights: on the CPU each model in its own fresh
+    process (RSS), on CUDA in this process (the CUDA allocator's peak)."""
+    if device == "cuda":
+        report.log("peak memory (CUDA allocator)")
+        mem = cuda_memory(ours, hf, plan, amp)
+    else:
+        report.log("peak memory (one fresh process per model)")
+        with tempfile.TemporaryDirectory() as tmp:
+            mem = {}
+            for name, model in (("ours", ours), ("hf", hf)):
+                path = os.path.join(tmp, name + ".pth")
+                torch.save(model.state_dict(), path)
+                mem[name] = measure_memory(name, path, plan, threads, amp)
     size = plan["infer"][0]
     for mode, metric, shape in (("infer", "peak_mem_mb", f"1x3x{size[0]}x{size[1]}"),
                                 ("train", "train_peak_mem_mb", "2x3x{}x{}".format(*plan["train"]))):
@@ -422,6 +480,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write one JSON object per metric to this file")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both models (default 2)")
     parser.add_argument("--quick", action="store_true", help="small sizes, few runs (for the test suite)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both models run (default cpu)")
+    parser.add_argument("--amp", action="store_true",
+                        help="time under autocast (fp16 + GradScaler on CUDA, bf16 on the CPU); agreement stays fp32")
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--infer-size", type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--train-size", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -431,15 +492,19 @@ def main(argv=None) -> int:
         memory_worker(args)
         return 0
 
-    plan = QUICK if args.quick else FULL
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    plan = QUICK if args.quick else GPU if device == "cuda" else FULL
     torch.set_num_threads(args.threads)
     report = Report(args.quick)
-    report.log("building both models")
+    report.log(f"building both models on {device}")
     hf = build_hf().eval()
     ours = build_ours(hf.state_dict(), hf_format=True).eval()
+    hf.to(device), ours.to(device)
 
-    # Agreement first: a speed-up of a model that computes something else is no speed-up.
-    images0 = make_images(1, plan["infer"][0])
+    # Agreement first (fp32): a speed-up of a model that computes something else is no speed-up.
+    images0 = make_images(1, plan["infer"][0], device=device)
     with torch.no_grad():
         diff = max_abs_diff(ours_infer(ours, images0)(), hf_infer(hf, images0)())
     report.add("max_abs_diff", diff, 0.0, shape="x".join(map(str, images0.shape)), tolerance=AGREEMENT_TOL)
@@ -448,13 +513,13 @@ def main(argv=None) -> int:
         _write(args.json, report.rows)
         return 1
 
-    gemm = [gemm_gflops()]
+    gemm = [gemm_gflops(device=device)]
     with CpuMonitor() as cpu:
-        time_inference(report, ours, hf, plan)
-        gemm.append(gemm_gflops())
-        time_training(report, ours, hf, plan)
+        time_inference(report, ours, hf, plan, device, args.amp)
+        gemm.append(gemm_gflops(device=device))
+        time_training(report, ours, hf, plan, device, args.amp)
     flop_efficiency(report, ours, hf, images0, statistics.median(gemm))
-    peak_memory(report, ours, hf, plan, args.threads)
+    peak_memory(report, ours, hf, plan, args.threads, device, args.amp)
 
     report.add("cpu_cores_busy_self", cpu.process_cores)
     report.add("cpu_cores_busy_others", cpu.other_cores)
@@ -465,15 +530,16 @@ def main(argv=None) -> int:
 
 
 def _print_table(rows: List[Dict], args, cpu: CpuMonitor) -> None:
-    print(f"DAB-DETR R50: ours vs HuggingFace transformers, same weights, {args.threads} threads"
-          f"{' (QUICK: small sizes, few runs)' if args.quick else ''}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
+    print(f"DAB-DETR R50: ours vs HuggingFace transformers, same weights, {where}"
+          f"{', AMP' if args.amp else ', fp32'}{' (QUICK: small sizes, few runs)' if args.quick else ''}")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"{'metric':<22} {'shape':<14} {'ours':>11} {'HF':>11} {'ours/HF':>8}")
+    print(f"{'metric':<28} {'shape':<14} {'ours':>11} {'HF':>11} {'ours/HF':>8}")
     for r in rows:
         fmt = "{:11.3g}" if r["metric"] in ("max_abs_diff",) else "{:11.2f}"
         hf = fmt.format(r["hf"]) if r["hf"] is not None else " " * 11
         ratio = f"{r['ratio']:8.3f}" if r["ratio"] is not None else ""
-        print(f"{r['metric']:<22} {r.get('shape', ''):<14} {fmt.format(r['ours'])} {hf} {ratio}")
+        print(f"{r['metric']:<28} {r.get('shape', ''):<14} {fmt.format(r['ours'])} {hf} {ratio}")
     print(f"load average {cpu.load_start[0]:.2f} -> {cpu.load_end[0]:.2f}; during timing this process kept "
           f"{cpu.process_cores:.2f} cores busy, others {cpu.other_cores:.2f}")
     if cpu.other_cores > 0.25:

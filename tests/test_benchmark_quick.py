@@ -50,6 +50,23 @@ def test_quick_run_reports_agreement_and_every_metric(tmp_path):
         assert row["ours"] > 0 and row["hf"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
     assert rows["gemm_efficiency"]["ours"] > 0
     assert rows["train_step_512_ms"]["trainable_params"] > 0
+    # throughput rows (the GPU figures' format): FPS and images/s are the inverse of the timings
+    assert rows["infer_fps_96x96"]["ours"] == pytest.approx(1e3 / rows["infer_640_ms"]["ours"])
+    assert rows["train_images_per_s_64x64"]["hf"] == pytest.approx(2e3 / rows["train_step_512_ms"]["hf"])
+
+
+@pytest.mark.slow
+def test_amp_training_steps_of_both_models_start_from_the_same_loss():
+    """`--amp` times autocast steps (bf16 on the CPU): both models still see the same weights and targets."""
+    script = _load_script()
+    torch = pytest.importorskip("torch")
+    hf = script.build_hf()
+    ours = script.build_ours(hf.state_dict(), hf_format=True)
+    images, targets = script.make_images(2, (64, 64)), script.make_targets(2)
+    losses = [float(step()) for step in (script.ours_train_step(ours.train(), images, targets, amp=True),
+                                         script.hf_train_step(hf.train(), images, targets, amp=True))]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 rounding differs between the two codes
 
 
 @pytest.mark.slow
