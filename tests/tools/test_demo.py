@@ -73,16 +73,49 @@ def test_demo_draws_the_predicted_boxes_and_reports_unreadable_images(val_images
     assert f": {num_drawn} detections" in captured.out
     assert sorted(os.listdir(out)) == [os.path.splitext(os.path.basename(files[0]))[0] + ".png"]
 
-    drawn = np.asarray(Image.open(out / os.listdir(out)[0]).convert("RGB")).astype(int)
+    _assert_boxes_drawn(out / os.listdir(out)[0], image, instances.pred_boxes.tensor[:num_drawn])
+
+
+def _assert_boxes_drawn(png, image, boxes):
+    """The PNG is `image` (possibly enlarged) with the outline of every box in `boxes` (xyxy, image pixels) drawn."""
+    drawn = np.asarray(Image.open(png).convert("RGB")).astype(int)
     scale = drawn.shape[0] // image.shape[0]  # small images are drawn enlarged
     assert scale >= 1 and drawn.shape[:2] == (image.shape[0] * scale, image.shape[1] * scale)
     original = image.astype(int).repeat(scale, 0).repeat(scale, 1)
     changed = np.abs(drawn - original).sum(-1) > 20
     assert changed.mean() < 0.3  # the picture is the image with a few boxes on it, not something else
-    for box in instances.pred_boxes.tensor[:num_drawn] * scale:
+    for box in boxes * scale:
         x0, y0, x1, y1 = box.round().long().clamp(0, drawn.shape[0] - 1).tolist()
         outline = np.concatenate([changed[y0, x0:x1], changed[y1, x0:x1], changed[y0:y1, x0], changed[y0:y1, x1]])
         assert outline.mean() > 0.7, (box, outline.mean())  # a box 5 pixels off the prediction scores < 0.45
+
+
+TRAINED = os.environ.get("DAB_DETR_TRAINED_CHECKPOINT", os.path.join(ROOT, "output", "synthetic", "model_final.pth"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(TRAINED), reason=f"no checkpoint from `make train` at {TRAINED}")
+def test_demo_draws_what_the_model_trained_by_make_train_predicts(load_tool, tmp_path, capsys):
+    """The main command's model on real val images of the embedded dataset (runs after `make train`)."""
+    register_synthetic_dataset()
+    from detectron2.data import DatasetCatalog
+
+    file_name = DatasetCatalog.get("dab_synthetic_val")[0]["file_name"]
+    cfg = LazyConfig.load(CONFIG)
+    cfg.model.criterion = None
+    model = instantiate(cfg.model).eval()
+    model.load_state_dict(torch.load(TRAINED, weights_only=True)["model"])
+    image, instances = _predict(model, file_name)
+    threshold = 0.3
+    num_drawn = int((instances.scores >= threshold).sum())
+    assert num_drawn >= 1, "the trained model finds nothing in the first val image"
+
+    out = tmp_path / "out"
+    rc = load_tool("demo").main(["--config-file", CONFIG, "--input", file_name, "--output", str(out),
+                                 "--confidence-threshold", str(threshold), f"train.init_checkpoint={TRAINED}"])
+    assert rc == 0, capsys.readouterr().err
+    assert f": {num_drawn} detections" in capsys.readouterr().out
+    _assert_boxes_drawn(out / os.listdir(out)[0], image, instances.pred_boxes.tensor[:num_drawn])
 
 
 def test_demo_draws_the_first_images_of_a_registered_dataset(val_images, checkpoint, load_tool, tmp_path, capsys):
