@@ -19,7 +19,8 @@ def parameter_digests(model: torch.nn.Module) -> Dict[str, str]:
         model = model.module
     digests = {}
     for name, p in model.named_parameters():
-        data = p.detach().cpu().contiguous()
+        # reshape(-1): a channels_last weight with 1x1 kernels counts as contiguous yet keeps a last stride != 1
+        data = p.detach().cpu().contiguous().reshape(-1)
         digests[name] = hashlib.sha1(data.view(torch.uint8).numpy().tobytes()).hexdigest()
     return digests
 

@@ -88,3 +88,12 @@ def test_parameter_drift_between_processes_is_an_error_naming_the_tensor(monkeyp
         other[1].bias[0] += 1e-7  # one ulp-sized difference is enough
     with pytest.raises(RuntimeError, match="differ between the 2 training processes: 1.bias"):
         hooks.check_parameters_in_sync(model)
+
+
+def test_parameter_digests_accept_channels_last_weights():
+    """DABDETR keeps its backbone NHWC: 1x1 kernels then count as contiguous but keep a last stride != 1."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(8, 8, 3))
+    before = hooks.parameter_digests(model)
+    model.to(memory_format=torch.channels_last)
+    assert model[0].weight.stride(-1) != 1
+    assert hooks.parameter_digests(model) == before  # same values, same digest, whatever the layout
