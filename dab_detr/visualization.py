@@ -130,8 +130,9 @@ def draw_files(predictor: Predictor, files: Sequence[str], output_dir: str, meta
                confidence_threshold: float = 0.5, scale: Optional[float] = None) -> Iterator[DrawResult]:
     """Predict and draw each file into `output_dir/<stem>.png`; a file that cannot be read is reported in its
     `DrawResult.error` and the others are still drawn."""
-    from detectron2.data.detection_utils import read_image
     from PIL import Image
+
+    from .data.mapper import read_image  # the model's reader: 16-bit images scaled, not clipped to white
 
     os.makedirs(output_dir, exist_ok=True)
     for file, output in output_names(files, output_dir).items():

@@ -71,8 +71,6 @@ def test_demo_names_missing_and_truncated_files_and_draws_the_rest(demo, checkpo
     assert os.listdir(tmp_path / "out") == ["good.png"]
 
 
-@pytest.mark.xfail(strict=True, reason="dab_detr/visualization.py draws the picture read with detectron2's "
-                   "read_image, which clips 16-bit values at 255; dab_detr.data.mapper.read_image scales them")
 def test_demo_draws_a_16bit_png_with_its_contrast(demo, checkpoint, tmp_path, capsys):
     gray = np.asarray(Image.fromarray(_pixels()).convert("L"), dtype=np.uint16) * 257
     Image.fromarray(gray).save(tmp_path / "deep.png")
