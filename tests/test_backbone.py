@@ -81,6 +81,9 @@ def test_channels_last_backbone_gives_the_same_raw_outputs():
     model = DABDETR(backbone=backbone, head=head, criterion=None, num_classes=3, pixel_mean=MEAN,
                     pixel_std=STD).eval()
     assert model.channels_last  # the default
+    # the weights are NHWC too (NCHW weights made oneDNN re-lay them out on every call)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     images = ImageList(torch.randn(2, 3, 96, 128), [(96, 128), (64, 96)])
     with torch.no_grad():
         fast = model.forward_raw(images)
