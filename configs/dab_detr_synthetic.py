@@ -3,7 +3,7 @@
 Data: `dab_synthetic_{train,val}` (dab_detr/data/synthetic.py): 3,000 / 300 images of 128x128, 5 shape classes,
 1-6 objects each, generated on first use into ~/.cache/dab_detr (or $DAB_DETR_CACHE).
 
-What makes a DETR learn from scratch in minutes (DESIGN.md 5b, and our own runs; see README "Getting started"):
+What makes a DETR learn from scratch in minutes (docs/design.md §6, and our own runs; see README "Getting started"):
 - a tiny basic-block ResNet (1-1-1-1 blocks, 32/64/128/256 wide) read at stride 16, so 128 px gives 8x8 tokens;
   trainable BN (FrozenBN is an identity without pretrained weights) and Kaiming init;
 - anchors spread over the image (`anchor_init="spread"`): all anchors at the centre barely learns;

@@ -10,7 +10,7 @@ from detectron2.config import CfgNode as CN
 
 
 def add_dab_detr_config(cfg: CN) -> None:
-    """Add `MODEL.DAB_DETR` with the paper's defaults (DESIGN.md section 2)."""
+    """Add `MODEL.DAB_DETR` with the paper's defaults (docs/design.md §3)."""
     cfg.MODEL.DAB_DETR = c = CN()
     c.NUM_CLASSES = 80
     c.IN_FEATURE = "res5"

@@ -1,5 +1,7 @@
 """Batch-first multi-head attention on `F.scaled_dot_product_attention`.
 
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md).
+
 DAB-DETR's conditional cross-attention concatenates content and position per head, so its query/key heads are
 twice as wide as its value heads: `multi_head_attention` allows a q/k head dim different from the v head dim.
 """

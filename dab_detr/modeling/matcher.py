@@ -1,4 +1,6 @@
-"""Hungarian matching between DAB-DETR predictions and ground-truth boxes (DETR, Carion et al. 2020)."""
+"""Hungarian matching between DAB-DETR predictions and ground-truth boxes (DETR, Carion et al. 2020).
+
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md)."""
 
 from typing import Dict, List, Sequence, Tuple
 
