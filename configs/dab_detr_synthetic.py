@@ -19,7 +19,7 @@ from fvcore.common.param_scheduler import CosineParamScheduler
 from omegaconf import OmegaConf
 
 from dab_detr.backbone import small_resnet_stages
-from dab_detr.data import DetrDatasetMapper
+from dab_detr.data import DetrDatasetMapper, register_synthetic_dataset
 
 from .common.optim import AdamW as optimizer
 from .common.train import train
@@ -45,6 +45,7 @@ model.num_select = 100
 model.num_classes = 5  # taken from the dataset by tools/train_net.py anyway
 
 # --- data ------------------------------------------------------------------------------------------------------
+register_synthetic_dataset()  # dab_synthetic_train / dab_synthetic_val (files generated on first use)
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="dab_synthetic_train"),

@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
-import dab_detr  # noqa: E402,F401  (registers DABDETR and the embedded dataset)
+import dab_detr  # noqa: E402,F401  (registers DABDETR; the synthetic config registers its datasets)
 from dab_detr.engine import DatasetError, apply_overrides_checked, load_lazy_config, sync_num_classes  # noqa: E402
 from dab_detr.visualization import Predictor, draw_files, expand_inputs  # noqa: E402
 
