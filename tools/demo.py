@@ -22,7 +22,9 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 import dab_detr  # noqa: E402,F401  (registers DABDETR; the synthetic config registers its datasets)
-from dab_detr.engine import DatasetError, apply_overrides_checked, load_lazy_config, sync_num_classes  # noqa: E402
+from dab_detr.data.coco import sync_num_classes  # noqa: E402
+from dab_detr.engine import apply_overrides_checked, load_lazy_config  # noqa: E402
+from dab_detr.errors import DatasetError  # noqa: E402
 from dab_detr.visualization import Predictor, draw_files, expand_inputs  # noqa: E402
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

@@ -22,6 +22,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import dab_detr  # noqa: F401  (registers DABDETR; the synthetic config registers its datasets)
+from dab_detr.data.coco import register_coco_datasets, sync_num_classes
 from dab_detr.engine import (
     DetrCheckpointer,
     DetrTrainer,
@@ -33,9 +34,7 @@ from dab_detr.engine import (
     launch_cli,
     load_lazy_config,
     log_to_file,
-    register_coco_datasets,
     set_cpu_threads,
-    sync_num_classes,
 )
 from dab_detr.evaluation import enable_faster_coco_eval
 

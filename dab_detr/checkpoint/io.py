@@ -1,6 +1,6 @@
 """Reading checkpoints (a file or a `save_pretrained` folder) with one clear error, and writing them atomically.
 
-Every reader error is a `CheckpointError` (or `MissingFileError`) from `dab_detr.engine.errors` whose message starts
+Every reader error is a `CheckpointError` (or `MissingFileError`) from `dab_detr.errors` whose message starts
 with the file name and says what is wrong, so a command-line tool can print it as one line.
 """
 import argparse
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..engine.checkpointer import _atomic_torch_save  # one atomic writer for the whole package
-from ..engine.errors import CheckpointError, MissingFileError
+from ..errors import CheckpointError, MissingFileError
 
 __all__ = [
     "CheckpointError",

@@ -7,7 +7,7 @@ from typing import Any, Dict
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .errors import CheckpointError, MissingFileError
+from ..errors import CheckpointError, MissingFileError
 
 _TMP_SUFFIX = re.compile(r"\.tmp\.(\d+)$")
 

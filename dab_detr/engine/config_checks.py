@@ -15,7 +15,7 @@ from detectron2.config import LazyConfig
 from detectron2.utils.registry import _convert_target_to_string, locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .errors import ConfigError, MissingFileError
+from ..errors import ConfigError, MissingFileError
 
 __all__ = ["load_lazy_config", "apply_overrides_checked", "check_train_config"]
 

@@ -25,7 +25,7 @@ from detectron2.data import DatasetFromList, build_detection_train_loader
 from detectron2.utils import comm
 from detectron2.utils.registry import _convert_target_to_string
 
-from .errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError
 
 __all__ = [
     "TrainBatchSchedule",
