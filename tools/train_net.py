@@ -28,7 +28,6 @@ from dab_detr.engine import (
     DetrTrainer,
     ParametersInSyncCheck,
     apply_overrides_checked,
-    build_train_loader,
     check_train_config,
     create_ddp_model,
     launch_cli,
@@ -92,7 +91,7 @@ def do_train(args, cfg):
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    train_loader = build_train_loader(cfg.dataloader.train, seed=cfg.train.get("seed"))
+    train_loader = instantiate(cfg.dataloader.train)
 
     model = create_ddp_model(model, **cfg.train.ddp)
     clip = cfg.train.get("clip_grad", {"enabled": False})

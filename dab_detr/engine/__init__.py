@@ -3,7 +3,7 @@ from .checkpointer import DetrCheckpointer
 from .config_checks import apply_overrides_checked, check_train_config, load_lazy_config
 from .hooks import ParametersInSyncCheck, check_parameters_in_sync
 from .launch import create_ddp_model, launch_cli, log_to_file, set_cpu_threads
-from .train_loader import ResumableTrainLoader, build_resumable_train_loader, build_train_loader
+from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 from .trainer import DetrTrainer
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "ResumableTrainLoader",
     "apply_overrides_checked",
     "build_resumable_train_loader",
-    "build_train_loader",
     "check_parameters_in_sync",
     "check_train_config",
     "create_ddp_model",
