@@ -23,7 +23,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 import dab_detr  # noqa: E402,F401  (registers DABDETR; the synthetic config registers its datasets)
 from dab_detr.data.coco import sync_num_classes  # noqa: E402
-from dab_detr.engine import apply_overrides_checked, load_lazy_config  # noqa: E402
+from dab_detr.config_checks import apply_overrides_checked, load_lazy_config  # noqa: E402
 from dab_detr.errors import DatasetError  # noqa: E402
 from dab_detr.visualization import Predictor, draw_files, expand_inputs  # noqa: E402
 

@@ -22,16 +22,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import dab_detr  # noqa: F401  (registers DABDETR; the synthetic config registers its datasets)
+from dab_detr.config_checks import apply_overrides_checked, check_train_config, load_lazy_config
 from dab_detr.data.coco import register_coco_datasets, sync_num_classes
 from dab_detr.engine import (
     DetrCheckpointer,
     DetrTrainer,
     ParametersInSyncCheck,
-    apply_overrides_checked,
-    check_train_config,
     create_ddp_model,
     launch_cli,
-    load_lazy_config,
     log_to_file,
     set_cpu_threads,
 )

@@ -196,9 +196,11 @@ def _identity(x):
 class ResumableTrainLoader:
     """An iterable of this process's training batches (lists of mapped dicts, or `collate_fn` of them).
 
-    `set_start_iter(i)` before iterating makes the first batch global batch i (`DetrTrainer.train` calls it), so
-    a run resumed at iteration i sees the batches, and the augmentations, that an uninterrupted run would. Each
-    `iter()` builds detectron2's loader on a `ResumableTrainingSampler` starting there.
+    Takes `build_detection_train_loader`'s arguments (less `sampler`) plus `seed` (the configs set
+    `${...train.seed}`; None or < 0 draws a random one, and resume then cannot reproduce the data order) and
+    `shuffle`. `set_start_iter(i)` before iterating makes the first batch global batch i (`DetrTrainer.train` calls
+    it), so a run resumed at iteration i sees the batches, and the augmentations, that an uninterrupted run would.
+    Each `iter()` builds detectron2's loader on a `ResumableTrainingSampler` starting there.
     """
 
     def __init__(
@@ -207,7 +209,7 @@ class ResumableTrainLoader:
         mapper: Optional[Callable],
         total_batch_size: int,
         *,
-        seed: int,
+        seed: Optional[int],
         shuffle: bool = True,
         aspect_ratio_grouping: bool = True,
         num_workers: int = 0,
@@ -220,6 +222,9 @@ class ResumableTrainLoader:
             )
         if len(dataset) == 0:
             raise DatasetError("the training set is empty (after filtering images without usable annotations)")
+        if seed is None or seed < 0:
+            seed = comm.shared_random_seed() % 2**31
+            logger.warning(f"No data seed was given: using {seed}; --resume cannot reproduce the data order")
         if isinstance(dataset, list):
             dataset = DatasetFromList(dataset, copy=False)
         group_ids = _aspect_groups(dataset) if aspect_ratio_grouping else None
@@ -255,6 +260,10 @@ class ResumableTrainLoader:
         return iter(loader)
 
 
+# The name the configs use, next to detectron2's `build_detection_train_loader`.
+build_resumable_train_loader = ResumableTrainLoader
+
+
 def _aspect_groups(dataset) -> Optional[List[int]]:
     groups = []
     for i in range(len(dataset)):
@@ -264,26 +273,3 @@ def _aspect_groups(dataset) -> Optional[List[int]]:
             return None
         groups.append(0 if d["width"] > d["height"] else 1)
     return groups
-
-
-def build_resumable_train_loader(
-    dataset,
-    *,
-    mapper,
-    total_batch_size: int,
-    seed: Optional[int],
-    aspect_ratio_grouping: bool = True,
-    num_workers: int = 0,
-    collate_fn=None,
-    shuffle: bool = True,
-) -> ResumableTrainLoader:
-    """`build_detection_train_loader`'s arguments (less `sampler`) plus `seed` (configs set `${...train.seed}`)
-    and `shuffle`: a :class:`ResumableTrainLoader`. A seed that is None or < 0 draws a random one (resume then
-    cannot reproduce the data order)."""
-    if seed is None or seed < 0:
-        seed = comm.shared_random_seed() % 2**31
-        logger.warning(f"No data seed was given: using {seed}; --resume cannot reproduce the data order")
-    return ResumableTrainLoader(
-        dataset, mapper, total_batch_size, seed=seed, shuffle=shuffle,
-        aspect_ratio_grouping=aspect_ratio_grouping, num_workers=num_workers, collate_fn=collate_fn,
-    )

@@ -16,7 +16,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..errors import ConfigError, MissingFileError
+from .errors import ConfigError, MissingFileError
 
 __all__ = ["load_lazy_config", "apply_overrides_checked", "check_train_config"]
 
