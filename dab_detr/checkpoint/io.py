@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..engine.checkpointer import _atomic_torch_save  # one atomic writer for the whole package
+from ..atomic_io import atomic_torch_save
 from ..errors import CheckpointError, MissingFileError
 
 __all__ = [
@@ -153,4 +153,4 @@ def save_converted(state_dict: Mapping[str, Tensor], output: str, *, source_path
         raise CheckpointError(f"{output}: is the input checkpoint; write the converted weights to another file")
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    _atomic_torch_save({"model": dict(state_dict), "conversion": dict(metadata or {})}, output)
+    atomic_torch_save({"model": dict(state_dict), "conversion": dict(metadata or {})}, output)
