@@ -1,19 +1,22 @@
-"""Our DAB-DETR R50 vs HuggingFace `DabDetrForObjectDetection`: speed, memory and FLOP efficiency, same weights.
+"""Our DAB-DETR vs HuggingFace `DabDetrForObjectDetection` (R50 and the synthetic size): speed, memory, FLOPs.
 
     python benchmarks/compare_hf.py [--json results.jsonl] [--threads 2] [--quick] [--device cuda] [--amp]
-                                    [--sizes r50 synthetic]
+                                    [--sizes r50 synthetic] [--cpu-time]
+
+The models and steps are `benchmarks.models` (shared with the tests), the timing and memory helpers
+`benchmarks.measure`; this file is the command line and the list of comparisons.
 
 One process builds both models (HF's with random weights, ours loaded from it by `dab_detr.checkpoint.hf`), checks
 that their outputs agree to 1e-4 on the benchmark input (otherwise it reports no timings and exits 1), then times
 them alternately (ABBA order, medians after warm-up, the same input and thread count):
 - inference, 1x3x640x640 and 1x3x800x1333 (`forward_raw` vs HF `forward`: both return logits and boxes);
-- one training step, 2x3x512x512 with the same targets: forward + loss + backward + AdamW step, the stem frozen in
+- one training step, 2x3x512x512 with the same targets: forward + loss + backward + fused AdamW step, the stem frozen in
   both (our `freeze_at=1`), dropout 0, auxiliary losses on, HF's class-loss weight set to ours (1);
 - peak memory: each model in a fresh subprocess that loads the same weights, returns freed heap to the OS
   (`malloc_trim`), resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), runs two inferences (or two
   training steps) and reports the peak RSS above the loaded-model baseline;
 - FLOPs (fvcore, one multiply-add = 2 FLOPs) and the achieved GFLOP/s next to a plain fp32 GEMM's GFLOP/s
-  measured in the same run.
+  measured in the same run;
 - `synthetic` size: one training step of the `configs/dab_detr_synthetic.py` model (what `make train` trains; batch
   16 of 128x128: forward + loss + backward + clip 1.0 + its AdamW, as the trainer runs it from detectron2 inputs)
   against HF's model of nearly the same size (`benchmarks.models.hf_synthetic`) with fused AdamW (HF Trainer's
