@@ -36,6 +36,11 @@ def add_dab_detr_config(cfg: CN) -> None:
     c.PRIOR_PROB = 0.01
     c.INVERSE_SIGMOID_EPS = 1e-3
     c.AUX_LOSS = True
+    # denoising training (DN-DETR): off in the paper's DAB-DETR
+    c.DN = False
+    c.DN_GROUPS = 5
+    c.DN_LABEL_NOISE_PROB = 0.2
+    c.DN_BOX_NOISE_SCALE = 0.4
     # matcher costs
     c.COST_CLASS = 2.0
     c.COST_BBOX = 5.0

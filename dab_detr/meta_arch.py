@@ -157,6 +157,10 @@ class DABDETR(nn.Module):
             prior_prob=c.PRIOR_PROB,
             inverse_sigmoid_eps=c.INVERSE_SIGMOID_EPS,
             aux_loss=c.AUX_LOSS,
+            dn=c.DN,
+            denoising_groups=c.DN_GROUPS,
+            label_noise_prob=c.DN_LABEL_NOISE_PROB,
+            box_noise_scale=c.DN_BOX_NOISE_SCALE,
         )
         matcher = HungarianMatcher(
             cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
