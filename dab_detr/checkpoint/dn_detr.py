@@ -78,7 +78,8 @@ def _label_embedding(label_enc: Tensor, patterns: Optional[Tensor], name: str) -
     if label_enc.dim() != 2 or label_enc.shape[0] < 2:
         raise CheckpointError(f"{name} must be (num_classes + 1, hidden_dim - 1), got {tuple(label_enc.shape)}")
     no_object = torch.cat((label_enc[-1], label_enc.new_zeros(1)))[None]  # indicator bit 0: a matching query
-    return {DN_LABEL_EMBED_KEY: label_enc[:-1].clone(), PATTERNS_KEY: no_object if patterns is None else patterns + no_object}
+    patterns = no_object if patterns is None else patterns + no_object
+    return {DN_LABEL_EMBED_KEY: label_enc[:-1].clone(), PATTERNS_KEY: patterns}
 
 
 def convert_dn_detr_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:

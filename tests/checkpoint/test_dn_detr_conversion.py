@@ -105,3 +105,11 @@ def test_converted_dn_checkpoint_loads_for_inference_into_the_model_with_dn_off(
         a, b = plain.head(features, mask), trained.head(features, mask)
     assert torch.isfinite(a["pred_logits"]).all()
     assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+
+
+def test_official_patterns_add_to_the_no_object_content(official):
+    # DN-DETR adds each pattern embedding to the "no object" content of the matching queries
+    state = dict(official, **{"transformer.patterns.weight": torch.randn(3, 256)})
+    patterns = convert_state_dict("dn_detr", state).state_dict["head.transformer.patterns.weight"]
+    no_object = torch.cat((official["label_enc.weight"][91], torch.zeros(1)))
+    torch.testing.assert_close(patterns, state["transformer.patterns.weight"] + no_object, rtol=0, atol=0)

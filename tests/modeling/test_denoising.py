@@ -27,7 +27,8 @@ def _targets(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     total = sum(sizes)
     labels = torch.randint(0, NUM_CLASSES, (total,), generator=g)
-    boxes = torch.cat((torch.rand(total, 2, generator=g) * 0.5 + 0.25, torch.rand(total, 2, generator=g) * 0.3 + 0.1), 1)
+    centres = torch.rand(total, 2, generator=g) * 0.5 + 0.25
+    boxes = torch.cat((centres, torch.rand(total, 2, generator=g) * 0.3 + 0.1), 1)
     return check_target_batch(labels, boxes, sizes, NUM_CLASSES)
 
 
