@@ -178,24 +178,26 @@ class DABDETR(nn.Module):
         mask = (rows[None, :, None] >= sizes[:, 0, None, None]) | (cols[None, None, :] >= sizes[:, 1, None, None])
         return F.interpolate(mask[None].float(), size=tuple(feature_size))[0].bool()
 
-    def forward_raw(self, images: ImageList) -> Dict[str, object]:
-        """Raw head outputs (`pred_logits`, `pred_boxes`, `aux_outputs`) for a normalised, padded batch."""
+    def forward_raw(self, images: ImageList, targets: Optional[TargetBatch] = None) -> Dict[str, object]:
+        """Raw head outputs (`pred_logits`, `pred_boxes`, `aux_outputs`) for a normalised, padded batch; `targets`
+        feed the head's denoising queries in training (if it has `dn` on)."""
         x = images.tensor
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)[self.in_feature]
-        return self.head(features, self.padding_mask(images, features.shape[-2:]))
+        return self.head(features, self.padding_mask(images, features.shape[-2:]), targets)
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_raw(images)
         if self.training:
             if self.criterion is None:
                 raise RuntimeError("DABDETR: training needs a criterion (got criterion=None)")
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("DABDETR: every training input needs 'instances'")
-            return self.criterion(outputs, self.prepare_targets([x["instances"] for x in batched_inputs]))
+            targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+            return self.criterion(self.forward_raw(images, targets), targets)
 
+        outputs = self.forward_raw(images)
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         return [
             {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}

@@ -171,8 +171,11 @@ def test_builds_from_yacs_with_the_channel_count_read_from_the_backbone():
     c.NUM_CLASSES, c.HIDDEN_DIM, c.NUM_QUERIES, c.NUM_ENCODER_LAYERS, c.NUM_DECODER_LAYERS, c.DIM_FEEDFORWARD = (
         3, 32, 6, 1, 2, 64)
     c.NUM_PATTERNS, c.ANCHOR_INIT, c.FREEZE_ANCHOR_XY = 2, "spread", True
+    c.DN, c.DENOISING_GROUPS, c.LABEL_NOISE_PROB, c.BOX_NOISE_SCALE = True, 3, 0.5, 0.3
     model = build_model(cfg)
     assert isinstance(model, DABDETR)
+    dn = model.head.denoising
+    assert (dn.denoising_groups, dn.label_noise_prob, dn.box_noise_scale) == (3, 0.5, 0.3)
     assert model.head.input_proj.in_channels == 512  # R18's res5, read from backbone.output_shape()
     assert model.num_classes == model.head.num_classes == model.criterion.num_classes == 3
     assert model.head.transformer.num_patterns == 2 and hasattr(model.head, "anchor_xy")

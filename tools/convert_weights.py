@@ -6,6 +6,10 @@
         --config-file configs/dab_detr_r50_50ep.py
     # HuggingFace DabDetrForObjectDetection: a save_pretrained folder or its model.safetensors / pytorch_model.bin
     python tools/convert_weights.py --source hf dab-detr-resnet-50/ weights/dab_detr_r50_hf.pth
+    # DN-DETR (DN-DAB-DETR): official IDEA-Research/DN-DETR or detrex dn_detr, into the denoising config
+    python tools/convert_weights.py --source dn_detr checkpoint.pth weights/dn_dab_detr_r50.pth \
+        --config-file configs/dn_dab_detr_r50_50ep.py
+    python tools/convert_weights.py --source detrex_dn_detr dn_detr_r50_50ep.pth weights/dn_dab_detr_r50.pth
     # torchvision ImageNet ResNet -> detectron2 backbone keys, the usual starting point for COCO training
     python tools/convert_weights.py --source torchvision resnet50-0676ba61.pth weights/R-50.pth
 

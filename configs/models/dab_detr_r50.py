@@ -33,6 +33,7 @@ model = L(DABDETR)(
         pe_temperature_h=20,
         pe_temperature_w=20,
         aux_loss=True,
+        dn=False,  # denoising training (DN-DETR): configs/dn_dab_detr_*.py
     ),
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",

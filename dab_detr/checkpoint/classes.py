@@ -14,6 +14,8 @@ __all__ = ["CLASSIFIER_KEYS", "NUM_COCO_IDS", "coco_thing_ids", "parse_class_ids
            "select_classes"]
 
 CLASSIFIER_KEYS = ("head.class_embed.weight", "head.class_embed.bias")
+# other tensors with one row per class, selected like the classifier when present (denoising training)
+PER_CLASS_KEYS = ("head.denoising.label_embed.weight",)
 NUM_COCO_IDS = 91  # raw COCO category ids 0..90 (0 and 11 of the others unused)
 ClassSpec = Union[None, str, Sequence[int]]
 
@@ -77,9 +79,12 @@ def select_classes(state_dict: Mapping[str, Tensor], spec: ClassSpec, source: st
         raise CheckpointError(
             f"{source}: classifier weight has {num_rows} rows but bias {state_dict[bias_key].shape[0]}"
         )
+    for key in PER_CLASS_KEYS:
+        if key in state_dict and state_dict[key].shape[0] != num_rows:
+            raise CheckpointError(f"{source}: {key} has {state_dict[key].shape[0]} rows but the classifier {num_rows}")
     rows = resolve_class_ids(spec, num_rows)
     out = dict(state_dict)
     if rows is not None:
-        for key in CLASSIFIER_KEYS:
+        for key in CLASSIFIER_KEYS + tuple(k for k in PER_CLASS_KEYS if k in state_dict):
             out[key] = state_dict[key][rows].clone()
     return out

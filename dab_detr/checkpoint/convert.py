@@ -9,6 +9,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional
 from torch import Tensor, nn
 
 from .classes import CLASSIFIER_KEYS, ClassSpec, select_classes
+from .dn_detr import convert_detrex_dn_detr_state_dict, convert_dn_detr_state_dict
 from .hf import convert_hf_state_dict
 from .io import CheckpointError, Conversion, preview, read_state_dict, save_converted
 from .official import convert_official_state_dict
@@ -17,7 +18,7 @@ from .torchvision import convert_torchvision_resnet
 __all__ = ["SOURCES", "ConversionReport", "check_against_model", "convert_checkpoint", "convert_state_dict",
            "guess_source"]
 
-SOURCES = ("official", "hf", "torchvision")
+SOURCES = ("official", "hf", "torchvision", "dn_detr", "detrex_dn_detr")
 
 
 class ConversionReport(NamedTuple):
@@ -34,14 +35,22 @@ _LOOKS_LIKE = {
     "official": "an official DAB-DETR checkpoint (--source official)",
     "hf": "a HuggingFace checkpoint (--source hf)",
     "torchvision": "a torchvision ResNet checkpoint (--source torchvision)",
+    "dn_detr": "an official DN-DETR (DN-DAB-DETR) checkpoint (--source dn_detr)",
+    "detrex_dn_detr": "a detrex dn_detr checkpoint (--source detrex_dn_detr)",
 }
 
 
 def guess_source(keys) -> Optional[str]:
     """Which layout a state dict has ("ours" or one of `SOURCES`), from a few tell-tale keys; None if unknown."""
     keys = set(keys)
-    if any(k.startswith(("head.", "backbone.res", "backbone.stem.")) for k in keys):
+    if any(k.startswith("head.") for k in keys):
         return "ours"
+    if "denoising_generator.label_encoder.weight" in keys:
+        return "detrex_dn_detr"
+    if any(k.startswith(("backbone.res", "backbone.stem.")) for k in keys):
+        return "ours"
+    if "label_enc.weight" in keys:
+        return "dn_detr"
     if "refpoint_embed.weight" in keys or any(k.startswith("backbone.0.body.") for k in keys):
         return "official"
     if any(k.startswith(("model.query_refpoint_embeddings.", "bbox_predictor.", "model.backbone.")) for k in keys):
@@ -59,6 +68,10 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Tensor], class_ids:
     """
     if source == "official":
         conversion = convert_official_state_dict(state_dict)
+    elif source == "dn_detr":
+        conversion = convert_dn_detr_state_dict(state_dict)
+    elif source == "detrex_dn_detr":
+        conversion = convert_detrex_dn_detr_state_dict(state_dict)
     elif source == "hf":
         conversion = Conversion(*convert_hf_state_dict(state_dict))
     elif source == "torchvision":

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 from torchvision.ops import sigmoid_focal_loss as _sigmoid_focal_loss
 
+from .denoising import denoising_losses
 from .matcher import HungarianMatcher, Indices
 from .targets import TargetBatch, collate_targets
 
@@ -134,7 +135,8 @@ class SetCriterion(nn.Module):
         """
         Args:
             outputs: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) of the last layer, optional
-                "aux_outputs": list of the same dicts for decoder layers 0 .. L-2.
+                "aux_outputs": list of the same dicts for decoder layers 0 .. L-2; with denoising training also
+                "dn_outputs" and "dn_layout" (losses `loss_*_dn`, `loss_*_dn_{i}`: `denoising.denoising_losses`).
             targets: a `TargetBatch` (checked once per step by the meta-architecture), or B dicts with
                 "labels" (n_i,) and "boxes" (n_i, 4) normalised cxcywh.
         Returns:
@@ -157,4 +159,9 @@ class SetCriterion(nn.Module):
         losses = {}
         for i, (suffix, _, _) in enumerate(layers):
             losses.update({k + suffix: v[i] for k, v in per_layer.items()})
+        if "dn_outputs" in outputs:
+            losses.update(denoising_losses(
+                outputs["dn_outputs"], outputs["dn_layout"], targets, num_boxes, self.loss_class, self.loss_bbox,
+                self.loss_giou, self.focal_alpha, self.focal_gamma,
+            ))
         return losses

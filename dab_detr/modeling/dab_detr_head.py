@@ -1,6 +1,7 @@
 """The DAB-DETR detector minus the backbone: input projection, position embedding, transformer, anchors, heads.
 
 Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md)."""
+import logging
 import math
 from typing import Dict, List, Optional
 
@@ -8,10 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from .box_ops import inverse_sigmoid
+from .denoising import DenoisingGenerator, split_denoising_outputs
 from .position_encoding import PositionEmbeddingSine
+from .targets import TargetBatch
 from .transformer import ACTIVATIONS, QUERY_SCALE_TYPES, DabDetrTransformer
 
 ANCHOR_INITS = (None, "spread")
+DN_LABEL_EMBED_KEY = "denoising.label_embed.weight"
+logger = logging.getLogger(__name__)
 
 
 class DabDetrHead(nn.Module):
@@ -25,6 +30,14 @@ class DabDetrHead(nn.Module):
     `anchor_init="spread"` draws x, y ~ U(0.05, 0.95), w, h ~ U(0.1, 0.4) — needed when training from scratch,
     where the default N(0, 1) logits put every anchor near the image centre.
     `in_channels=None` leaves `input_proj` to be built by `build_input_proj` once the backbone is known.
+
+    Denoising training (`dn=True`, DN-DETR): in training, when `forward` is given the step's targets,
+    `denoising_groups` noised copies of them run through the decoder in front of the matching queries (see
+    `denoising.py`); the output then also holds "dn_outputs" (same layout as the matching outputs, over the G*M
+    denoising queries) and "dn_layout". The matching outputs, and everything in eval mode, are computed exactly as
+    with `dn=False`. The label embedding (`denoising.label_embed`) is training-only: a model with `dn=False` drops
+    it from a checkpoint with a log line, a model with `dn=True` starts it fresh when a checkpoint lacks it.
+    Patterns (`num_patterns` > 0) are supported: the denoising queries come first, then all P*Nq matching ones.
     """
 
     def __init__(
@@ -54,6 +67,10 @@ class DabDetrHead(nn.Module):
         prior_prob: float = 0.01,
         inverse_sigmoid_eps: float = 1e-3,
         aux_loss: bool = True,
+        dn: bool = False,
+        denoising_groups: int = 5,
+        label_noise_prob: float = 0.2,
+        box_noise_scale: float = 0.4,
     ):
         super().__init__()
         _check_args(
@@ -91,6 +108,12 @@ class DabDetrHead(nn.Module):
             with torch.no_grad():
                 self.anchor_box_embed.weight.copy_(anchors)
         self._reset_head_parameters(prior_prob)
+        # Built last, so that every other parameter is initialised the same with dn on and off.
+        self.denoising = (
+            DenoisingGenerator(num_classes, hidden_dim, denoising_groups, label_noise_prob, box_noise_scale,
+                               inverse_sigmoid_eps)
+            if dn else None
+        )
 
     def build_input_proj(self, in_channels: int) -> None:
         """The 1x1 conv from the backbone feature (`in_channels`) to `hidden_dim`."""
@@ -125,10 +148,17 @@ class DabDetrHead(nn.Module):
             state_dict[xy], state_dict[wh] = weight[:, :2], weight[:, 2:]
         elif not self.freeze_anchor_xy and xy in state_dict and wh in state_dict:
             state_dict[full] = torch.cat((state_dict.pop(xy), state_dict.pop(wh)), dim=1)
+        if self.denoising is None and prefix + DN_LABEL_EMBED_KEY in state_dict:
+            state_dict.pop(prefix + DN_LABEL_EMBED_KEY)
+            logger.info(f"Dropped {prefix + DN_LABEL_EMBED_KEY}: the denoising label embedding is only used in "
+                        "training with dn=True")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, features: Tensor, mask: Tensor) -> Dict[str, object]:
-        """`features (B, C, H, W)`, `mask (B, H, W)` bool (True = padding) -> raw outputs (see class doc)."""
+    def forward(self, features: Tensor, mask: Tensor, targets: Optional[TargetBatch] = None) -> Dict[str, object]:
+        """`features (B, C, H, W)`, `mask (B, H, W)` bool (True = padding) -> raw outputs (see class doc).
+
+        `targets` (training only) are read by denoising training and ignored otherwise.
+        """
         if self.input_proj is None:
             raise RuntimeError("DabDetrHead: in_channels was not given; call build_input_proj(in_channels) first")
         if mask.shape != (features.shape[0],) + features.shape[-2:]:
@@ -137,7 +167,13 @@ class DabDetrHead(nn.Module):
             )
         src = self.input_proj(features)
         pos = self.position_embedding(mask).to(src.dtype)
-        hs, references = self.transformer(src, mask, pos, self.anchor_boxes())
+        anchors = self.anchor_boxes()
+        dn = None
+        if self.denoising is not None and self.training and targets is not None:
+            dn = self.denoising(targets, self.transformer.num_patterns_or_one * anchors.shape[0])
+            hs, references = self.transformer(src, mask, pos, anchors, dn.content, dn.anchors, dn.attn_mask)
+        else:
+            hs, references = self.transformer(src, mask, pos, anchors)
         if not self.aux_loss:  # only the last layer is needed
             hs, references = hs[-1:], references[-1:]
             first_layer = len(self.transformer.decoder.layers) - 1
@@ -156,6 +192,9 @@ class DabDetrHead(nn.Module):
             out["aux_outputs"] = [
                 {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])
             ]
+        if dn is not None:
+            dn_outputs, out = split_denoising_outputs(out, dn.layout.num_queries)
+            out.update(dn_outputs=dn_outputs, dn_layout=dn.layout)
         return out
 
 

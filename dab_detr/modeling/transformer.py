@@ -133,12 +133,16 @@ class TransformerDecoderLayer(nn.Module):
         query_pos: Tensor,
         query_sine_embed: Tensor,
         memory_attn_mask: Optional[Tensor],
+        self_attn_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """`tgt`, `query_pos`, `query_sine_embed (B, Nq, d)`; `memory`, `pos (B, HW, d)` -> `(B, Nq, d)`."""
+        """`tgt`, `query_pos`, `query_sine_embed (B, Nq, d)`; `memory`, `pos (B, HW, d)` -> `(B, Nq, d)`.
+
+        `self_attn_mask (B, 1, Nq, Nq)` bool (True = may attend): which queries each query sees (denoising training).
+        """
         if not self.rm_self_attn_decoder:
             q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
             k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-            tgt2 = self.self_attn(q, k, self.sa_v_proj(tgt))
+            tgt2 = self.self_attn(q, k, self.sa_v_proj(tgt), self_attn_mask)
             tgt = self.norm1(tgt + _dropout(tgt2, self.dropout, self.training))
 
         q = self.ca_qcontent_proj(tgt)
@@ -216,9 +220,16 @@ class TransformerDecoder(nn.Module):
         return self.bbox_embed(hidden)
 
     def forward(
-        self, tgt: Tensor, memory: Tensor, pos: Tensor, reference: Tensor, memory_attn_mask: Optional[Tensor]
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        reference: Tensor,
+        memory_attn_mask: Optional[Tensor],
+        self_attn_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """Content queries `tgt (B, Nq, d)`, `memory`/`pos (B, HW, d)`, anchors `reference (B, Nq, 4)` (sigmoid).
+        """Content queries `tgt (B, Nq, d)`, `memory`/`pos (B, HW, d)`, anchors `reference (B, Nq, 4)` (sigmoid),
+        optional query-to-query `self_attn_mask (B, 1, Nq, Nq)` (True = may attend).
 
         Returns hidden states after the final LayerNorm `(L, B, Nq, d)` and each layer's input reference
         `(L, B, Nq, 4)`: the anchors, then each refinement *before* `detach`, so layer l's box loss also trains
@@ -241,7 +252,7 @@ class TransformerDecoder(nn.Module):
                 hw_ratio = (ref_wh / reference[..., 2:]).flip(-1)  # (h ratio, w ratio) for the (y, x) halves
                 query_sine_embed = (query_sine_embed.unflatten(-1, (2, d // 2)) * hw_ratio[..., None]).flatten(-2)
 
-            output = layer(output, memory, pos, query_pos, query_sine_embed, memory_attn_mask)
+            output = layer(output, memory, pos, query_pos, query_sine_embed, memory_attn_mask, self_attn_mask)
             outputs.append(output)
             if layer_id < self.num_layers - 1:  # the last layer's boxes are made by the head
                 new_reference = (
@@ -287,6 +298,11 @@ class DabDetrTransformer(nn.Module):
         # Created after the xavier init, as the official code does: the patterns keep N(0, 1).
         self.patterns = nn.Embedding(num_patterns, d_model) if num_patterns > 0 else None
 
+    @property
+    def num_patterns_or_one(self) -> int:
+        """P: each anchor gives P matching queries."""
+        return max(self.num_patterns, 1)
+
     def _reset_parameters(self) -> None:
         # xavier on every matrix of the transformer; the box MLP keeps nn.Linear's init (it is a head).
         bbox_params = {id(p) for p in self.decoder.bbox_embed.parameters()}
@@ -294,11 +310,22 @@ class DabDetrTransformer(nn.Module):
             if p.dim() > 1 and id(p) not in bbox_params:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, pos: Tensor, anchors: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor,
+        pos: Tensor,
+        anchors: Tensor,
+        extra_content: Optional[Tensor] = None,
+        extra_anchors: Optional[Tensor] = None,
+        self_attn_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """`src`, `pos (B, d, H, W)`, padding `mask (B, H, W)` (True = padding), `anchors (Nq, 4)` (logits).
 
         Returns `hs (L, B, P*Nq, d)` (normed decoder outputs) and `references (L, B, P*Nq, 4)` (sigmoid space),
-        P = max(num_patterns, 1).
+        P = max(num_patterns, 1). Denoising training puts `N` extra queries *before* these: `extra_content (B, N, d)`,
+        `extra_anchors (B, N, 4)` (logits), with `self_attn_mask (B, 1, N+P*Nq, N+P*Nq)`; the outputs then have
+        N + P*Nq queries.
         """
         batch = src.shape[0]
         memory = src.flatten(2).transpose(1, 2)
@@ -313,4 +340,7 @@ class DabDetrTransformer(nn.Module):
             tgt = self.patterns.weight.repeat_interleave(anchors.shape[0], dim=0).expand(batch, -1, -1)
             reference = reference.repeat(self.num_patterns, 1)
         reference = reference.expand(batch, -1, -1)
-        return self.decoder(tgt, memory, pos, reference, attn_mask)
+        if extra_content is not None:
+            tgt = torch.cat((extra_content.to(tgt.dtype), tgt), dim=1)
+            reference = torch.cat((extra_anchors.sigmoid().to(reference.dtype), reference), dim=1)
+        return self.decoder(tgt, memory, pos, reference, attn_mask, self_attn_mask)

@@ -9,6 +9,7 @@ import torch
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 R50_TSV = "official_dab_detr_r50_state_dict.tsv"
 R50_DC5_3PATTERNS_TSV = "official_dab_detr_r50_dc5_3patterns_state_dict.tsv"
+DETREX_R50_TSV = "detrex_dab_detr_r50_state_dict.tsv"  # detrex's DAB-DETR layout (also its dn_detr's, + label encoder)
 
 
 def official_state_dict(tsv_name: str, seed: int = 0):
@@ -27,4 +28,6 @@ def official_state_dict(tsv_name: str, seed: int = 0):
     assert tied, f"{path} should list the decoder's copy of bbox_embed"
     for key in tied:
         state[key] = state[key.replace("transformer.decoder.", "")].clone()
+    for key in [k for k in state if ".ffns.0.layers.0.1." in k]:  # detrex: the FFN's PReLU, registered twice
+        state[key] = state[key.replace("ffns.0.layers.0.1.", "ffns.0.activation.")].clone()
     return state

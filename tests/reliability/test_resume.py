@@ -88,3 +88,29 @@ def test_same_seed_gives_the_same_losses_and_weights_whatever_the_workers(runs):
 def test_another_seed_gives_other_losses(runs):
     root, _ = runs
     assert [v for _, v in _losses(root / "seed7")] != [v for _, v in _losses(root / "straight")][:3]
+
+
+@pytest.fixture(scope="module")
+def dn_runs(tmp_path_factory):
+    """Straight and resumed runs with denoising training on: its noise comes from torch's global generator, which
+    the trainer re-seeds before every step."""
+    root = tmp_path_factory.mktemp("resume_dn")
+    data = write_coco(str(root / "data"), default_images(10))
+    dn = ["model.head.dn=True", "model.head.denoising_groups=3"]
+    _train(data, root / "straight", overrides=dn)
+    os.makedirs(root / "resumed")
+    shutil.copy(root / "straight" / f"model_{N // 2 - 1:07d}.pth", root / "resumed")
+    (root / "resumed" / "last_checkpoint").write_text(f"model_{N // 2 - 1:07d}.pth")
+    _train(data, root / "resumed", "--resume", overrides=dn)
+    return root
+
+
+@pytest.mark.slow
+def test_resume_with_denoising_training_is_bitwise_exact(dn_runs):
+    rows = [r for r in metrics_rows(str(dn_runs / "straight")) if "total_loss" in r]
+    assert all("loss_class_dn" in r and "loss_giou_dn_0" in r for r in rows)
+    straight = load_checkpoint(str(dn_runs / "straight" / "model_final.pth"))
+    resumed = load_checkpoint(str(dn_runs / "resumed" / "model_final.pth"))
+    assert "head.denoising.label_embed.weight" in straight["model"]
+    _assert_same_tensors(straight["model"], resumed["model"], "model")
+    _assert_same_tensors(straight["trainer"]["optimizer"], resumed["trainer"]["optimizer"], "optimizer")

@@ -98,3 +98,20 @@ def test_output_never_overwrites_the_input(official_files, load_tool, capsys):
     assert load_tool("convert_weights").main(args) == 1
     assert "is the input checkpoint" in _one_error_line(capsys)
     assert os.path.getmtime(official_files["r50"]) == before
+
+
+def test_dn_detr_checkpoint_converts_into_the_denoising_config(official_reference, load_tool, tmp_path, capsys):
+    state = official_reference.official_state_dict(official_reference.R50_TSV)
+    state["label_enc.weight"] = torch.randn(92, 255)  # official DN-DETR: DAB-DETR + the label embedding
+    source = tmp_path / "dn_detr.pth"
+    torch.save({"model": state, "args": argparse.Namespace(use_dn=True), "epoch": 49}, source)
+    output = tmp_path / "dn_dab_detr_r50.pth"
+    config = os.path.join(ROOT, "configs", "dn_dab_detr_r50_50ep.py")
+    rc = load_tool("convert_weights").main(["--source", "dn_detr", str(source), str(output), "--config-file", config])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "80 classes" in captured.out and captured.err == ""
+    # given as --source official, the label embedding has no place: one line that names what the file is
+    rc = load_tool("convert_weights").main(["--source", "official", str(source), str(tmp_path / "x.pth")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "label_enc.weight" in err and "--source dn_detr" in err
