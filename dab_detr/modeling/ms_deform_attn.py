@@ -36,16 +36,17 @@ def ms_deform_attn_sample(
     _, num_queries, _, levels, points, _ = sampling_locations.shape
     # One copy for all levels: (B, S, H, Dh) -> (B*H, Dh, S); each level is then a strided view (b*h, Dh, h, w).
     value = value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
-    # One copy for all grids: (B, Q, H, L, P, 2) -> (L, B*H, Q, P, 2), in grid_sample's [-1, 1] coordinates.
+    # One copy each for all grids and weights, level-major: (L, B*H, Q, P, 2) in grid_sample's [-1, 1] coordinates.
     grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5).reshape(levels, batch * heads, num_queries, points, 2)
-    sampled = []
+    weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(levels, batch * heads, 1, num_queries, points)
+    out = None
     for level, ((h, w), start) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):
         value_l = value[:, :, start : start + h * w].unflatten(-1, (h, w))
-        # (B*H, Dh, Q, P)
-        sampled.append(F.grid_sample(value_l, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False))
-    sampled = torch.cat(sampled, dim=-1)  # (B*H, Dh, Q, L*P)
-    weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(batch * heads, 1, num_queries, levels * points)
-    out = (sampled * weights).sum(-1)  # (B*H, Dh, Q)
+        sampled = F.grid_sample(value_l, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        # Weighted sum per level, accumulated: concatenating the levels' (B*H, Dh, Q, P) samples first costs a
+        # strided copy of all of them (measured on CPU: forward ~15% and forward+backward ~40% slower).
+        level_out = (sampled * weights[level]).sum(-1)  # (B*H, Dh, Q)
+        out = level_out if out is None else out + level_out
     return out.view(batch, heads * head_dim, num_queries).transpose(1, 2)
 
 
@@ -118,7 +119,8 @@ class MSDeformAttn(nn.Module):
         ref = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2|4)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (w, h)
-            wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            # (L, 2) filled on the device: a host tensor copied over would make a CUDA forward wait for the copy
+            wh = torch.stack([torch.cat((query.new_full((1,), w), query.new_full((1,), h))) for h, w in spatial_shapes])
             locations = ref + offsets / wh[:, None, :]
         elif reference_points.shape[-1] == 4:
             locations = ref[..., :2] + offsets * (ref[..., 2:] * (0.5 / points))
