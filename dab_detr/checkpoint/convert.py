@@ -8,7 +8,8 @@ from typing import Dict, List, Mapping, NamedTuple, Optional
 
 from torch import Tensor, nn
 
-from .classes import CLASSIFIER_KEYS, ClassSpec, select_classes
+from .classes import ClassSpec, classifier_keys, select_classes
+from .detrex import convert_detrex_state_dict
 from .hf import convert_hf_state_dict
 from .io import CheckpointError, Conversion, preview, read_state_dict, save_converted
 from .official import convert_official_state_dict
@@ -17,7 +18,7 @@ from .torchvision import convert_torchvision_resnet
 __all__ = ["SOURCES", "ConversionReport", "check_against_model", "convert_checkpoint", "convert_state_dict",
            "guess_source"]
 
-SOURCES = ("official", "hf", "torchvision")
+SOURCES = ("official", "detrex", "hf", "torchvision")
 
 
 class ConversionReport(NamedTuple):
@@ -32,6 +33,7 @@ class ConversionReport(NamedTuple):
 _LOOKS_LIKE = {
     "ours": "a checkpoint already in our format (load it directly with train.init_checkpoint=...)",
     "official": "an official DAB-DETR checkpoint (--source official)",
+    "detrex": "a detrex DAB-DETR / DAB-Deformable-DETR checkpoint (--source detrex)",
     "hf": "a HuggingFace checkpoint (--source hf)",
     "torchvision": "a torchvision ResNet checkpoint (--source torchvision)",
 }
@@ -40,6 +42,8 @@ _LOOKS_LIKE = {
 def guess_source(keys) -> Optional[str]:
     """Which layout a state dict has ("ours" or one of `SOURCES`), from a few tell-tale keys; None if unknown."""
     keys = set(keys)
+    if any(k.startswith(("neck.convs.", "anchor_box_embed.")) or ".attentions.0." in k for k in keys):
+        return "detrex"
     if any(k.startswith(("head.", "backbone.res", "backbone.stem.")) for k in keys):
         return "ours"
     if "refpoint_embed.weight" in keys or any(k.startswith("backbone.0.body.") for k in keys):
@@ -59,6 +63,8 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Tensor], class_ids:
     """
     if source == "official":
         conversion = convert_official_state_dict(state_dict)
+    elif source == "detrex":
+        conversion = convert_detrex_state_dict(state_dict)
     elif source == "hf":
         conversion = Conversion(*convert_hf_state_dict(state_dict))
     elif source == "torchvision":
@@ -72,11 +78,11 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Tensor], class_ids:
         guess = guess_source(state_dict)
         hint = f"; it looks like {_LOOKS_LIKE[guess]}" if guess and guess != source else ""
         raise CheckpointError(
-            f"{path}: none of its {len(state_dict)} keys is a {source} DAB-DETR/ResNet key "
+            f"{path}: none of its {len(state_dict)} keys is a {source} DAB-(Deformable-)DETR/ResNet key "
             f"(e.g. {preview(list(state_dict))}){hint}"
         )
     if source != "torchvision":
-        if not all(k in conversion.state_dict for k in CLASSIFIER_KEYS):
+        if not classifier_keys(conversion.state_dict):
             raise CheckpointError(f"{path}: a {source} checkpoint without a classifier (class_embed) "
                                   f"is not a DAB-DETR checkpoint")
         conversion = conversion._replace(state_dict=select_classes(conversion.state_dict, class_ids, path))
@@ -139,7 +145,8 @@ def convert_checkpoint(source: str, input_path: str, output: str, *, class_ids: 
             f"({preview(conversion.unused_keys)}).{hint} Use --no-strict to drop them."
         )
     converted = conversion.state_dict
-    num_classes = converted[CLASSIFIER_KEYS[0]].shape[0] if CLASSIFIER_KEYS[0] in converted else None
+    classifiers = classifier_keys(converted)
+    num_classes = converted[classifiers[0][0]].shape[0] if classifiers else None
     problems: List[str] = []
     if config_file:
         backbone_only = source == "torchvision"
