@@ -11,8 +11,8 @@ from torch import Tensor
 
 from .io import CheckpointError
 
-__all__ = ["CLASSIFIER_KEYS", "NUM_COCO_IDS", "classifier_keys", "coco_thing_ids", "parse_class_ids", "resolve_class_ids",
-           "select_classes"]
+__all__ = ["CLASSIFIER_KEYS", "NUM_COCO_IDS", "classifier_keys", "coco_thing_ids", "parse_class_ids",
+           "resolve_class_ids", "select_classes"]
 
 CLASSIFIER_KEYS = ("head.class_embed.weight", "head.class_embed.bias")
 NUM_COCO_IDS = 91  # raw COCO category ids 0..90 (0 and 11 of the others unused)

@@ -23,7 +23,7 @@ __all__ = ["convert_detrex_state_dict"]
 
 _ATTN = {"query_content_proj": "qcontent_proj", "query_pos_proj": "qpos_proj", "key_content_proj": "kcontent_proj",
          "key_pos_proj": "kpos_proj", "value_proj": "v_proj", "query_pos_sine_proj": "qpos_sine_proj"}
-_TIED = {"bbox_embed.": "transformer.decoder.bbox_embed."}
+_TIED_BOX = "transformer.decoder.bbox_embed."  # the decoder's copy of the top-level `bbox_embed`
 
 
 def _layer_key(part: str, rest: str) -> Optional[str]:
@@ -79,8 +79,8 @@ def convert_detrex_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
             ignored.append(key)
             continue
         tied = None
-        if key.startswith("transformer.decoder.bbox_embed.") and "bbox_embed." + key[len("transformer.decoder.bbox_embed."):] in state_dict:
-            tied = "bbox_embed." + key[len("transformer.decoder.bbox_embed."):]
+        if key.startswith(_TIED_BOX) and "bbox_embed." + key[len(_TIED_BOX):] in state_dict:
+            tied = "bbox_embed." + key[len(_TIED_BOX):]
         m = re.match(r"(transformer\.(?:en|de)coder\.layers\.\d+\.ffns\.0\.)activation\.(.*)", key)
         if m and f"{m.group(1)}layers.0.1.{m.group(2)}" in state_dict:
             tied = f"{m.group(1)}layers.0.1.{m.group(2)}"

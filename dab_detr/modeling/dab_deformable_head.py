@@ -5,7 +5,7 @@ extra levels), sine position encoding per level, the deformable transformer, lea
 queries (single-stage) or encoder proposals (two-stage), and one class head per decoder layer.
 """
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +177,9 @@ class DabDeformableDetrHead(nn.Module):
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
         if "enc_logits" in transformer_out:
-            out["enc_outputs"] = {"pred_logits": transformer_out["enc_logits"], "pred_boxes": transformer_out["enc_boxes"]}
+            out["enc_outputs"] = {
+                "pred_logits": transformer_out["enc_logits"], "pred_boxes": transformer_out["enc_boxes"]
+            }
         return out
 
 

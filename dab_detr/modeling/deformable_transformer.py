@@ -10,7 +10,7 @@ Layout is batch-first: tokens `(B, S, d)`, S = sum over levels of h * w. Module 
 (`self_attn`, `cross_attn`, `norm1..3`, `linear1/2`, `level_embed`, `query_scale`, `ref_point_head`,
 `enc_output(_norm)`), so its checkpoints map by a short rename table.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -37,7 +37,8 @@ def ms_deform_attn_sample(
     # One copy for all levels: (B, S, H, Dh) -> (B*H, Dh, S); each level is then a strided view (b*h, Dh, h, w).
     value = value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
     # One copy each for all grids and weights, level-major: (L, B*H, Q, P, 2) in grid_sample's [-1, 1] coordinates.
-    grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5).reshape(levels, batch * heads, num_queries, points, 2)
+    grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5)
+    grids = grids.reshape(levels, batch * heads, num_queries, points, 2)
     weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(levels, batch * heads, 1, num_queries, points)
     out = None
     for level, ((h, w), start) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):

@@ -191,3 +191,14 @@ def test_compiled_inference_gives_the_same_outputs():
         compiled = torch.compile(head)(feats, mask)
     torch.testing.assert_close(compiled["pred_logits"], eager["pred_logits"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(compiled["pred_boxes"], eager["pred_boxes"], atol=1e-4, rtol=1e-4)
+
+
+def test_level_position_encoding_uses_pixel_centres():
+    """Deformable DETR's normalised sine PE: row i of an unpadded h-row map encodes (i + 0.5) / h * 2 pi."""
+    head = tiny_head()
+    mask = torch.zeros(1, 4, 5, dtype=torch.bool)
+    pos = head.position_embedding(mask)  # (1, 32, 4, 5): 16 y channels, then 16 x channels
+    rows = (torch.arange(4, dtype=torch.float32) + 0.5) / 4 * 2 * torch.pi
+    torch.testing.assert_close(pos[0, 0, :, 0], rows.sin(), atol=1e-5, rtol=0)  # first y channel: sin(y / 1)
+    cols = (torch.arange(5, dtype=torch.float32) + 0.5) / 5 * 2 * torch.pi
+    torch.testing.assert_close(pos[0, 17, 0, :], cols.cos(), atol=1e-5, rtol=0)  # second x channel: cos(x / 1)
