@@ -202,3 +202,24 @@ def test_level_position_encoding_uses_pixel_centres():
     torch.testing.assert_close(pos[0, 0, :, 0], rows.sin(), atol=1e-5, rtol=0)  # first y channel: sin(y / 1)
     cols = (torch.arange(5, dtype=torch.float32) + 0.5) / 5 * 2 * torch.pi
     torch.testing.assert_close(pos[0, 17, 0, :], cols.cos(), atol=1e-5, rtol=0)  # second x channel: cos(x / 1)
+
+
+def test_extra_queries_kept_apart_by_the_self_attention_mask():
+    """The decoder takes batched extra queries (e.g. denoising groups) and a self-attention mask that hides them
+    from the matching queries: those then give the same outputs as without the extra queries."""
+    head = tiny_head().eval()
+    _randomise(head)
+    feats, mask = tiny_inputs()
+    srcs, masks, pos = head.level_features(feats, mask)
+    tgt, anchors = head.queries()
+    plain = head.transformer(srcs, masks, pos, tgt, anchors)
+    extra = 4
+    g = torch.Generator().manual_seed(5)
+    all_tgt = torch.cat((torch.randn(extra, 32, generator=g), tgt))[None].expand(2, -1, -1)
+    all_anchors = torch.cat((torch.randn(extra, 4, generator=g), anchors))[None].expand(2, -1, -1)
+    n = extra + tgt.shape[0]
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed[extra:, :extra] = False  # matching queries do not see the extra ones
+    out = head.transformer(srcs, masks, pos, all_tgt, all_anchors, self_attn_mask=allowed)
+    torch.testing.assert_close(out["boxes"][:, :, extra:], plain["boxes"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["hs"][:, :, extra:], plain["hs"], atol=1e-5, rtol=1e-5)
