@@ -5,7 +5,8 @@
     PYTHONPATH=. python benchmarks/compare_hf_deformable.py [--quick] [--device cuda] [--jsonl out.jsonl]
 
 Rows (median ms, ours / HF): inference at 640x640 (batch 1), a training step at 2x512x512 (forward, losses,
-backward, AdamW), and the deformable attention alone on the encoder's input of a 640x640 image (both modules hold
+backward, AdamW) with the peak memory above the loaded models (RSS on the CPU, the allocator on CUDA), and the
+deformable attention alone on the encoder's input of a 640x640 image (both modules hold
 the same weights; their outputs are compared). The two models differ by design in the decoder's query path
 (DAB: anchors + sine embedding MLP; HF: learned query positions), so only speed is compared for them.
 """
@@ -17,7 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.measure import Report, alternate, max_abs_diff, median_ms, print_table, write_jsonl  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    Report, alternate, cuda_peak_increase, max_abs_diff, median_ms, peak_rss_increase, print_table, write_jsonl,
+)
 from benchmarks.models import (  # noqa: E402
     CONFIG_DIR, NUM_CLASSES, hf_infer, hf_train_step, make_images, make_targets, ours_infer, ours_train_step,
 )
@@ -110,6 +113,11 @@ def main(argv=None) -> int:
     with torch.no_grad():
         ms = median_ms(alternate({"ours": ours_infer(ours, images), "hf": hf_infer(hf, images)}, warmup, runs, dev))
     report.add("inference 1x640x640 (ms)", ms["ours"], ms["hf"])
+    peak = cuda_peak_increase if dev == "cuda" else peak_rss_increase
+    with torch.no_grad():
+        mem = {name: peak(run, calls=1)[0] for name, run in (("ours", ours_infer(ours, images)),
+                                                              ("hf", hf_infer(hf, images)))}
+    report.add("peak memory, inference (MiB)", mem["ours"], mem["hf"])
 
     report.log("training step 2x512x512")
     ours.train(), hf.train()
@@ -118,6 +126,8 @@ def main(argv=None) -> int:
     steps = {"ours": ours_train_step(ours, images, targets), "hf": hf_train_step(hf, images, targets)}
     ms = median_ms(alternate(steps, 1, max(2, runs // 2), dev))
     report.add("train step 2x512x512 (ms)", ms["ours"], ms["hf"])
+    mem = {name: peak(step, calls=1)[0] for name, step in steps.items()}
+    report.add("peak memory, train step (MiB)", mem["ours"], mem["hf"])
 
     print_table("DAB-Deformable-DETR R50 vs HF Deformable DETR (box refine)", report.rows)
     write_jsonl(args.jsonl, report.rows)
