@@ -1,11 +1,12 @@
 """DAB-DETR for detectron2.
 
-Importing this package registers the `DABDETR` meta-architecture in detectron2's `META_ARCH_REGISTRY` and does
+Importing this package registers the `DABDETR` and `DABDeformableDETR`
+meta-architectures in detectron2's `META_ARCH_REGISTRY` and does
 nothing else to detectron2. The embedded synthetic dataset is registered by `register_synthetic_dataset()`
 (`configs/dab_detr_synthetic.py` calls it), and `tools/train_net.py` selects faster-coco-eval for COCO evaluation
 (`dab_detr.evaluation.enable_faster_coco_eval`).
 """
-from . import meta_arch  # noqa: F401  (registers DABDETR in META_ARCH_REGISTRY)
+from . import meta_arch, meta_arch_deformable  # noqa: F401  (register DABDETR, DABDeformableDETR)
 from .config import add_dab_detr_config
 from .data import register_synthetic_dataset
 from .meta_arch import DABDETR

@@ -80,17 +80,7 @@ class DABDETR(nn.Module):
         channels_last: bool = True,
     ):
         super().__init__()
-        shapes = backbone.output_shape()
-        if in_feature not in shapes:
-            raise ValueError(f"DABDETR: in_feature {in_feature!r} is not a backbone output {sorted(shapes)}")
-        channels = shapes[in_feature].channels
-        if head.input_proj is None:
-            head.build_input_proj(channels)
-        elif head.input_proj.in_channels != channels:
-            raise ValueError(
-                f"DABDETR: head in_channels={head.input_proj.in_channels} but backbone feature {in_feature!r} "
-                f"has {channels} channels"
-            )
+        self.connect_head(backbone.output_shape(), head, in_feature)
         if head.num_classes != num_classes:
             raise ValueError(f"DABDETR: num_classes={num_classes} but head.num_classes={head.num_classes}")
         if criterion is not None and getattr(criterion, "num_classes", num_classes) != num_classes:
@@ -120,6 +110,20 @@ class DABDETR(nn.Module):
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @staticmethod
+    def connect_head(shapes, head: nn.Module, in_feature) -> None:
+        """Check that the backbone outputs `in_feature` and build (or check) the head's input projection."""
+        if in_feature not in shapes:
+            raise ValueError(f"DABDETR: in_feature {in_feature!r} is not a backbone output {sorted(shapes)}")
+        channels = shapes[in_feature].channels
+        if head.input_proj is None:
+            head.build_input_proj(channels)
+        elif head.input_proj.in_channels != channels:
+            raise ValueError(
+                f"DABDETR: head in_channels={head.input_proj.in_channels} but backbone feature {in_feature!r} "
+                f"has {channels} channels"
+            )
 
     @classmethod
     def from_config(cls, cfg):
@@ -195,7 +199,7 @@ class DABDETR(nn.Module):
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("DABDETR: every training input needs 'instances'")
             targets = self.prepare_targets([x["instances"] for x in batched_inputs])
-            return self.criterion(self.forward_raw(images, targets), targets)
+            return self.losses(self.forward_raw(images, targets), targets)
 
         outputs = self.forward_raw(images)
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
@@ -203,6 +207,10 @@ class DABDETR(nn.Module):
             {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
             for r, x, size in zip(results, batched_inputs, images.image_sizes)
         ]
+
+    def losses(self, outputs: Dict[str, object], targets: TargetBatch) -> Dict[str, Tensor]:
+        """Weighted training losses of the raw outputs against the prepared targets."""
+        return self.criterion(outputs, targets)
 
     def prepare_targets(self, instances: List[Instances]) -> TargetBatch:
         """Instances (abs xyxy in the augmented image) -> one checked `TargetBatch` for the whole step: labels

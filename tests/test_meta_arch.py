@@ -185,7 +185,8 @@ def test_builds_from_yacs_with_the_channel_count_read_from_the_backbone():
     assert len(out["instances"]) == 6 * 2 * 3  # num_select 300 capped at queries x classes
 
 
-SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+# DAB-Deformable-DETR's model configs are checked in tests/test_meta_arch_deformable.py
+SHIPPED = sorted(f for f in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if "deformable" not in os.path.basename(f))
 
 
 def test_all_model_configs_are_shipped():

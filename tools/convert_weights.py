@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Convert DAB-DETR / ResNet weights into this project's format (a `.pth` for `train.init_checkpoint=...`).
+"""Convert DAB-DETR / DAB-Deformable-DETR / ResNet weights into this project's format (a `.pth` for
+`train.init_checkpoint=...`).
 
     # official DAB-DETR checkpoint (91 raw COCO ids -> detectron2's 80 classes), checked against its config
     python tools/convert_weights.py --source official checkpoint.pth weights/dab_detr_r50.pth \
         --config-file configs/dab_detr_r50_50ep.py
+    # official DAB-Deformable-DETR checkpoint (recognised by its multi-scale keys)
+    python tools/convert_weights.py --source official checkpoint.pth weights/dab_deformable_detr_r50.pth \
+        --config-file configs/dab_deformable_detr_r50_50ep.py
+    # detrex DAB-DETR or DAB-Deformable-DETR (single- or two-stage; 80 classes already)
+    python tools/convert_weights.py --source detrex model_final.pth weights/dab_deformable_detr_r50_two_stage.pth \
+        --config-file configs/dab_deformable_detr_r50_two_stage_50ep.py
     # HuggingFace DabDetrForObjectDetection: a save_pretrained folder or its model.safetensors / pytorch_model.bin
     python tools/convert_weights.py --source hf dab-detr-resnet-50/ weights/dab_detr_r50_hf.pth
     # DN-DETR (DN-DAB-DETR): official IDEA-Research/DN-DETR or detrex dn_detr, into the denoising config

@@ -4,20 +4,28 @@ The official code and HF index the classifier by raw COCO category id (91 rows, 
 detectron2's COCO metadata numbers the 80 "thing" categories 0..79 in id order. Converting keeps the rows of those
 80 ids, in that order, so class `i` of the converted model is `MetadataCatalog.get("coco_2017_val").thing_classes[i]`.
 """
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+import re
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
 from .io import CheckpointError
 
-__all__ = ["CLASSIFIER_KEYS", "NUM_COCO_IDS", "coco_thing_ids", "parse_class_ids", "resolve_class_ids",
-           "select_classes"]
+__all__ = ["CLASSIFIER_KEYS", "NUM_COCO_IDS", "classifier_keys", "coco_thing_ids", "parse_class_ids",
+           "resolve_class_ids", "select_classes"]
 
 CLASSIFIER_KEYS = ("head.class_embed.weight", "head.class_embed.bias")
 # other tensors with one row per class, selected like the classifier when present (denoising training)
 PER_CLASS_KEYS = ("head.denoising.label_embed.weight",)
 NUM_COCO_IDS = 91  # raw COCO category ids 0..90 (0 and 11 of the others unused)
 ClassSpec = Union[None, str, Sequence[int]]
+# DAB-DETR's one classifier, DAB-Deformable-DETR's per-decoder-layer ones and its two-stage proposal classifier
+_CLASSIFIER = re.compile(r"head\.(class_embed(\.\d+)?|transformer\.enc_class_embed)\.weight")
+
+
+def classifier_keys(state_dict: Mapping[str, Tensor]) -> List[Tuple[str, str]]:
+    """(weight, bias) keys of every classifier in a state dict in our layout (sorted)."""
+    return sorted((k, k[: -len("weight")] + "bias") for k in state_dict if _CLASSIFIER.fullmatch(k))
 
 
 def coco_thing_ids() -> List[int]:
@@ -71,20 +79,22 @@ def resolve_class_ids(spec: ClassSpec, num_rows: int) -> Optional[List[int]]:
 def select_classes(state_dict: Mapping[str, Tensor], spec: ClassSpec, source: str = "checkpoint"
                    ) -> Dict[str, Tensor]:
     """Keep the classifier rows chosen by `spec` (see `resolve_class_ids`) in a state dict in our layout."""
-    weight_key, bias_key = CLASSIFIER_KEYS
-    if weight_key not in state_dict or bias_key not in state_dict:
-        raise CheckpointError(f"{source}: has no classifier ({weight_key}, {bias_key})")
-    num_rows = state_dict[weight_key].shape[0]
-    if state_dict[bias_key].shape[0] != num_rows:
-        raise CheckpointError(
-            f"{source}: classifier weight has {num_rows} rows but bias {state_dict[bias_key].shape[0]}"
-        )
+    pairs = classifier_keys(state_dict)
+    if not pairs or any(bias not in state_dict for _, bias in pairs):
+        raise CheckpointError(f"{source}: has no classifier ({CLASSIFIER_KEYS[0]}, {CLASSIFIER_KEYS[1]})")
+    num_rows = state_dict[pairs[0][0]].shape[0]
+    for weight_key, bias_key in pairs:
+        if state_dict[weight_key].shape[0] != num_rows or state_dict[bias_key].shape[0] != num_rows:
+            raise CheckpointError(
+                f"{source}: classifier {weight_key} / {bias_key} has {state_dict[weight_key].shape[0]} / "
+                f"{state_dict[bias_key].shape[0]} rows, expected {num_rows}"
+            )
     for key in PER_CLASS_KEYS:
         if key in state_dict and state_dict[key].shape[0] != num_rows:
             raise CheckpointError(f"{source}: {key} has {state_dict[key].shape[0]} rows but the classifier {num_rows}")
     rows = resolve_class_ids(spec, num_rows)
     out = dict(state_dict)
     if rows is not None:
-        for key in CLASSIFIER_KEYS + tuple(k for k in PER_CLASS_KEYS if k in state_dict):
+        for key in [k for pair in pairs for k in pair] + [k for k in PER_CLASS_KEYS if k in state_dict]:
             out[key] = state_dict[key][rows].clone()
     return out

@@ -8,7 +8,8 @@ from typing import Dict, List, Mapping, NamedTuple, Optional
 
 from torch import Tensor, nn
 
-from .classes import CLASSIFIER_KEYS, ClassSpec, select_classes
+from .classes import ClassSpec, classifier_keys, select_classes
+from .detrex import convert_detrex_state_dict
 from .dn_detr import convert_detrex_dn_detr_state_dict, convert_dn_detr_state_dict
 from .hf import convert_hf_state_dict
 from .io import CheckpointError, Conversion, preview, read_state_dict, save_converted
@@ -18,7 +19,7 @@ from .torchvision import convert_torchvision_resnet
 __all__ = ["SOURCES", "ConversionReport", "check_against_model", "convert_checkpoint", "convert_state_dict",
            "guess_source"]
 
-SOURCES = ("official", "hf", "torchvision", "dn_detr", "detrex_dn_detr")
+SOURCES = ("official", "detrex", "hf", "torchvision", "dn_detr", "detrex_dn_detr")
 
 
 class ConversionReport(NamedTuple):
@@ -33,6 +34,7 @@ class ConversionReport(NamedTuple):
 _LOOKS_LIKE = {
     "ours": "a checkpoint already in our format (load it directly with train.init_checkpoint=...)",
     "official": "an official DAB-DETR checkpoint (--source official)",
+    "detrex": "a detrex DAB-DETR / DAB-Deformable-DETR checkpoint (--source detrex)",
     "hf": "a HuggingFace checkpoint (--source hf)",
     "torchvision": "a torchvision ResNet checkpoint (--source torchvision)",
     "dn_detr": "an official DN-DETR (DN-DAB-DETR) checkpoint (--source dn_detr)",
@@ -43,11 +45,11 @@ _LOOKS_LIKE = {
 def guess_source(keys) -> Optional[str]:
     """Which layout a state dict has ("ours" or one of `SOURCES`), from a few tell-tale keys; None if unknown."""
     keys = set(keys)
-    if any(k.startswith("head.") for k in keys):
-        return "ours"
     if "denoising_generator.label_encoder.weight" in keys:
         return "detrex_dn_detr"
-    if any(k.startswith(("backbone.res", "backbone.stem.")) for k in keys):
+    if any(k.startswith(("neck.convs.", "anchor_box_embed.")) or ".attentions.0." in k for k in keys):
+        return "detrex"
+    if any(k.startswith(("head.", "backbone.res", "backbone.stem.")) for k in keys):
         return "ours"
     if "label_enc.weight" in keys:
         return "dn_detr"
@@ -72,6 +74,8 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Tensor], class_ids:
         conversion = convert_dn_detr_state_dict(state_dict)
     elif source == "detrex_dn_detr":
         conversion = convert_detrex_dn_detr_state_dict(state_dict)
+    elif source == "detrex":
+        conversion = convert_detrex_state_dict(state_dict)
     elif source == "hf":
         conversion = Conversion(*convert_hf_state_dict(state_dict))
     elif source == "torchvision":
@@ -85,11 +89,11 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Tensor], class_ids:
         guess = guess_source(state_dict)
         hint = f"; it looks like {_LOOKS_LIKE[guess]}" if guess and guess != source else ""
         raise CheckpointError(
-            f"{path}: none of its {len(state_dict)} keys is a {source} DAB-DETR/ResNet key "
+            f"{path}: none of its {len(state_dict)} keys is a {source} DAB-(Deformable-)DETR/ResNet key "
             f"(e.g. {preview(list(state_dict))}){hint}"
         )
     if source != "torchvision":
-        if not all(k in conversion.state_dict for k in CLASSIFIER_KEYS):
+        if not classifier_keys(conversion.state_dict):
             raise CheckpointError(f"{path}: a {source} checkpoint without a classifier (class_embed) "
                                   f"is not a DAB-DETR checkpoint")
         conversion = conversion._replace(state_dict=select_classes(conversion.state_dict, class_ids, path))
@@ -152,7 +156,8 @@ def convert_checkpoint(source: str, input_path: str, output: str, *, class_ids: 
             f"({preview(conversion.unused_keys)}).{hint} Use --no-strict to drop them."
         )
     converted = conversion.state_dict
-    num_classes = converted[CLASSIFIER_KEYS[0]].shape[0] if CLASSIFIER_KEYS[0] in converted else None
+    classifiers = classifier_keys(converted)
+    num_classes = converted[classifiers[0][0]].shape[0] if classifiers else None
     problems: List[str] = []
     if config_file:
         backbone_only = source == "torchvision"

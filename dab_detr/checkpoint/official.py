@@ -1,4 +1,5 @@
-"""Official DAB-DETR (IDEA-Research/DAB-DETR, `models/DAB_DETR`) state dict -> our `DABDETR` state dict.
+"""Official DAB-DETR (IDEA-Research/DAB-DETR, `models/DAB_DETR`) state dict -> our `DABDETR` state dict
+(`models/dab_deformable_detr` checkpoints: see `deformable.py`).
 
 Our transformer keeps the official module names (`nn.MultiheadAttention`'s packed `in_proj_weight` in the encoder,
 `sa_*`/`ca_*` projections in the decoder, `ca_qpos_proj` in layer 0 only unless `keep_query_pos`), so the
@@ -17,6 +18,7 @@ from typing import Dict, List, Mapping
 import torch
 from torch import Tensor
 
+from .deformable import convert_deformable_state_dict, is_deformable_state_dict
 from .io import Conversion
 from .torchvision import torchvision_resnet_key
 
@@ -45,7 +47,10 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
     """Rename an official DAB-DETR `checkpoint["model"]` into `DABDETR`'s layout (see the module doc).
 
     Keys that map to nothing (e.g. a Swin backbone, segmentation heads) are returned in `unused_keys`.
+    A DAB-Deformable-DETR checkpoint (it has `transformer.level_embed`) goes to `DABDeformableDETR`'s layout.
     """
+    if is_deformable_state_dict(state_dict):
+        return convert_deformable_state_dict(state_dict, "official")
     out: Dict[str, Tensor] = {}
     unused: List[str] = []
     ignored: List[str] = []

@@ -56,8 +56,9 @@ def anchor_sine_embed(anchors: Tensor, num_pos_feats: int = 128, temperature: fl
 class PositionEmbeddingSine(nn.Module):
     """2-D sine position embedding of the unpadded area: padding mask `(B, H, W)` (True = padding) -> `(B, 2F, H, W)`.
 
-    Channels are `(pos_y, pos_x)`, F = `num_pos_feats` each. With `normalize`, the cumulative row/column counts are
-    divided by the image's own height/width (+ eps) and multiplied by `scale`, with no -0.5 offset (as DAB-DETR).
+    Channels are `(pos_y, pos_x)`, F = `num_pos_feats` each. With `normalize`, the cumulative row/column counts
+    (1, 2, ...) plus `offset` are divided by the image's own height/width (+ eps) and multiplied by `scale`.
+    DAB-DETR uses no offset; Deformable DETR (and DAB-Deformable-DETR) use `offset=-0.5` (pixel centres).
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class PositionEmbeddingSine(nn.Module):
         normalize: bool = True,
         scale: float = 2 * math.pi,
         eps: float = 1e-6,
+        offset: float = 0.0,
     ):
         super().__init__()
         if num_pos_feats % 2:
@@ -78,6 +80,7 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize = normalize
         self.scale = scale
         self.eps = eps
+        self.offset = offset
 
     def forward(self, mask: Tensor) -> Tensor:
         if mask.dim() != 3 or mask.dtype != torch.bool:
@@ -88,8 +91,8 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
-            y_embed = y_embed / (y_embed[:, -1:, :] + self.eps)
-            x_embed = x_embed / (x_embed[:, :, -1:] + self.eps)
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + self.eps)
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps)
         scale = self.scale if self.normalize else 1.0
         pos = sine_embed(
             torch.stack((y_embed, x_embed), dim=-1), self.num_pos_feats, (self.temperature_h, self.temperature_w), scale
@@ -99,5 +102,5 @@ class PositionEmbeddingSine(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_pos_feats={self.num_pos_feats}, temperature_h={self.temperature_h}, "
-            f"temperature_w={self.temperature_w}, normalize={self.normalize}"
+            f"temperature_w={self.temperature_w}, normalize={self.normalize}, offset={self.offset}"
         )

@@ -1,0 +1,133 @@
+"""Multi-scale deformable attention (Deformable DETR, arXiv 2010.04159, Eq. 3) in plain PyTorch.
+
+Each query looks at `n_points` sampled locations per head and per feature level around its reference point
+(or inside its reference box) and sums the bilinearly sampled values with softmax weights taken over all
+levels x points. Parameter names and initialisation follow Deformable DETR's `MSDeformAttn`
+(`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`), so its checkpoints load by name.
+No compiled operator: sampling is one `F.grid_sample` per level (the only Python loop).
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def level_start_index(spatial_shapes: Sequence[Tuple[int, int]]) -> List[int]:
+    """Offsets of each level in the flattened `sum(h * w)` token sequence."""
+    starts, total = [], 0
+    for h, w in spatial_shapes:
+        starts.append(total)
+        total += h * w
+    return starts
+
+
+def ms_deform_attn_sample(
+    value: Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The sampling core of Eq. 3.
+
+    `value (B, S, H, Dh)` with S = sum(h * w); `sampling_locations (B, Q, H, L, P, 2)` as (x, y) in [0, 1] of
+    each level's padded map; `attention_weights (B, Q, H, L, P)` (already normalised) -> `(B, Q, H * Dh)`.
+    Locations outside [0, 1] read zeros (grid_sample, align_corners=False, zero padding).
+    """
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, levels, points, _ = sampling_locations.shape
+    # One copy for all levels: (B, S, H, Dh) -> (B*H, Dh, S); each level is then a strided view (b*h, Dh, h, w).
+    value = value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
+    # One copy each for all grids and weights, level-major: (L, B*H, Q, P, 2) in grid_sample's [-1, 1] coordinates.
+    grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5)
+    grids = grids.reshape(levels, batch * heads, num_queries, points, 2)
+    weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(levels, batch * heads, 1, num_queries, points)
+    out = None
+    for level, ((h, w), start) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):
+        value_l = value[:, :, start : start + h * w].unflatten(-1, (h, w))
+        sampled = F.grid_sample(value_l, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        # Weighted sum per level, accumulated: concatenating the levels' (B*H, Dh, Q, P) samples first costs a
+        # strided copy of all of them (measured on CPU: forward ~15% and forward+backward ~40% slower).
+        level_out = (sampled * weights[level]).sum(-1)  # (B*H, Dh, Q)
+        out = level_out if out is None else out + level_out
+    return out.view(batch, heads * head_dim, num_queries).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention: `query (B, Q, d)` attends to `value (B, S, d)` spread over `n_levels` maps.
+
+    `reference_points (B, Q, L, 2)` are (x, y) in [0, 1] per level: offsets are in pixels of that level
+    (divided by (w, h)). `(B, Q, L, 4)` are (cx, cy, w, h) boxes: location = (cx, cy) + offset / n_points * (w, h)
+    * 0.5, i.e. the points spread inside the box. Callers scale references by each level's valid ratio, as
+    Deformable DETR does, so that [0, 1] covers the padded map. `value_padding_mask (B, S)` (True = padding)
+    zeroes those values before sampling, so padding never contributes.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"MSDeformAttn: {name} must be a positive int, got {v!r}")
+        if d_model % n_heads:
+            raise ValueError(f"MSDeformAttn: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init: offsets start on a ring of H directions, point i at distance i+1; uniform weights."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack((thetas.cos(), thetas.sin()), -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]  # onto the unit square's border
+        grid = grid[:, None, None, :].repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Sequence[Tuple[int, int]],
+        value_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """`query (B, Q, d)` (position already added), `reference_points (B, Q, L, 2 | 4)`, `value (B, S, d)`,
+        `spatial_shapes` L pairs (h, w) with sum(h * w) = S, `value_padding_mask (B, S)` -> `(B, Q, d)`."""
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        if len(spatial_shapes) != levels:
+            raise ValueError(f"MSDeformAttn: got {len(spatial_shapes)} levels, n_levels={levels}")
+        value = self.value_proj(value)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.unflatten(-1, (heads, -1))
+
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        ref = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2|4)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide by (w, h)
+            # (L, 2) filled on the device: a host tensor copied over would make a CUDA forward wait for the copy
+            wh = torch.stack([torch.cat((query.new_full((1,), w), query.new_full((1,), h))) for h, w in spatial_shapes])
+            locations = ref + offsets / wh[:, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = ref[..., :2] + offsets * (ref[..., 2:] * (0.5 / points))
+        else:
+            raise ValueError(f"MSDeformAttn: reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
+        return self.output_proj(ms_deform_attn_sample(value, spatial_shapes, locations, weights))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
