@@ -28,7 +28,7 @@ __all__ = [
     "export_program",
     "export_metadata",
     "parse_static_size",
-    "test_resize_of",
+    "inference_resize_of",
 ]
 
 # Opsets the exporter (torch.onnx's dynamo path) writes directly; older ones would need a lossy down-conversion.
@@ -119,13 +119,14 @@ def check_onnx_opset(opset: int, model: Optional[nn.Module] = None) -> None:
         raise ExportError(f"--opset {opset} is too old for {type(model).__name__}: it needs opset >= {needed}")
 
 
-def test_resize_of(cfg) -> Optional[Tuple[int, int]]:
+def inference_resize_of(cfg) -> Optional[Tuple[int, int]]:
     """`(short_edge, max_size)` of the config's test-time `ResizeShortestEdge`, None when the test mapper does not
     resize; the exported graph does not resize, its users do (tools/onnx_infer.py reads it from the metadata)."""
     from detectron2.config import instantiate
     from detectron2.data import transforms as T
 
-    augmentations = instantiate(cfg.dataloader.test.mapper).augmentations
+    mapper = instantiate(cfg.dataloader.test.mapper)
+    augmentations = getattr(mapper, "augmentation", None) or getattr(mapper, "augmentations", [])  # ours, detectron2's
     for aug in getattr(augmentations, "augs", augmentations):
         if isinstance(aug, T.ResizeShortestEdge):
             short = aug.short_edge_length
@@ -134,8 +135,7 @@ def test_resize_of(cfg) -> Optional[Tuple[int, int]]:
                     raise ExportError(f"test-time ResizeShortestEdge with several sizes {short} cannot be exported")
                 short = short[0]
             return int(short), int(aug.max_size)
-        if not isinstance(aug, T.RandomFlip):
-            raise ExportError(f"test-time augmentation {type(aug).__name__} cannot be reproduced by the export")
+        raise ExportError(f"test-time augmentation {type(aug).__name__} cannot be reproduced by the export")
     return None
 
 
@@ -160,6 +160,8 @@ def _example_inputs(model: nn.Module, static_hw: Optional[Tuple[int, int]]):
     """A batch of two differently sized images (dims that are not multiples of the stride, so no shape gets
     specialised), or two images of the static size."""
     h, w = static_hw or (227, 205)
+    if static_hw is not None and min(static_hw) <= model.size_divisibility:
+        raise ExportError(f"--static {h}x{w}: height and width must exceed the stride {model.size_divisibility}")
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, h, w, generator=g) * 255
     sizes = torch.tensor([[h, w], [h - 11, w - 7]] if static_hw is None else [[h, w], [h, w]], dtype=torch.int64)
@@ -167,13 +169,16 @@ def _example_inputs(model: nn.Module, static_hw: Optional[Tuple[int, int]]):
     return images.to(device), sizes.to(device)
 
 
-def _dynamic_shapes(static_hw):
+def _dynamic_shapes(model: nn.Module, static_hw):
+    """Batch 1..64, and unless static, height and width from just over one stride (a feature map of at least 2 x 2
+    cells; the exporter proves the graph for those sizes only) to 4096."""
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=64)
     if static_hw is not None:
         return {"images": {0: batch}, "image_sizes": {0: batch}}
-    height, width = Dim("height", min=32, max=4096), Dim("width", min=32, max=4096)
+    smallest = model.size_divisibility + 1
+    height, width = Dim("height", min=smallest, max=4096), Dim("width", min=smallest, max=4096)
     return {"images": {0: batch, 2: height, 3: width}, "image_sizes": {0: batch}}
 
 
@@ -188,7 +193,7 @@ def export_program(model: nn.Module, path: str, *, raw: bool = False,
     wrapper = ExportableDetector(model.eval(), raw).eval()
     with torch.no_grad():
         program = torch.export.export(wrapper, _example_inputs(model, static_hw),
-                                      dynamic_shapes=_dynamic_shapes(static_hw))
+                                      dynamic_shapes=_dynamic_shapes(model, static_hw))
     torch.export.save(program, path, extra_files={"metadata.json": json.dumps(metadata or {})})
     return program
 
@@ -205,7 +210,7 @@ def export_onnx(model: nn.Module, path: str, *, opset: int = DEFAULT_OPSET, raw:
         program = torch.onnx.export(
             wrapper, _example_inputs(model, static_hw), dynamo=True, opset_version=opset,
             input_names=["images", "image_sizes"], output_names=list(output_names(raw)),
-            dynamic_shapes=_dynamic_shapes(static_hw), optimize=True, verbose=False,
+            dynamic_shapes=_dynamic_shapes(model, static_hw), optimize=True, verbose=False,
         )
     proto = program.model_proto
     written = {imp.domain: imp.version for imp in proto.opset_import}.get("", None)

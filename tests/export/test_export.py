@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from dab_detr.export import ExportableDetector, ExportError, check_onnx_opset, export_onnx, export_program
 
@@ -33,15 +34,23 @@ def _eager(model, images):
 
 
 def assert_detections_match(boxes, scores, labels, instances):
-    """Exported `(B, K, ...)` outputs vs the eager model's `Instances` (which drop boxes that clipping emptied)."""
+    """Exported `(B, K, ...)` outputs vs the eager model's `Instances` (which drop boxes that clipping emptied):
+    a one-to-one match with the same label, score within SCORE_TOL and box within BOX_TOL. Detections whose scores
+    tie to within float noise may come out in another order, so the match is an assignment, not by rank."""
     boxes, scores, labels = (torch.as_tensor(np.asarray(x)) for x in (boxes, scores, labels))
     assert boxes.shape[0] == len(instances)
     for i, inst in enumerate(instances):
         keep = (boxes[i, :, 2] > boxes[i, :, 0]) & (boxes[i, :, 3] > boxes[i, :, 1])
         assert int(keep.sum()) == len(inst) > 0
-        assert torch.equal(labels[i][keep], inst.pred_classes)
-        assert (scores[i][keep] - inst.scores).abs().max().item() < SCORE_TOL
-        assert (boxes[i][keep] - inst.pred_boxes.tensor).abs().max().item() < BOX_TOL
+        box, score, label = boxes[i][keep], scores[i][keep], labels[i][keep]
+        # scores are sorted in both: equal up to noise rank by rank even where tied entries swap
+        assert (score - inst.scores).abs().max().item() < SCORE_TOL
+        cost = (box[:, None, :] - inst.pred_boxes.tensor[None]).abs().amax(-1)
+        cost[(score[:, None] - inst.scores[None]).abs() >= SCORE_TOL] = float("inf")
+        cost[label[:, None] != inst.pred_classes[None]] = float("inf")
+        rows, cols = linear_sum_assignment(torch.where(cost.isinf(), torch.full_like(cost, 1e9), cost).numpy())
+        worst = cost[rows, cols].max().item()
+        assert worst < BOX_TOL, f"image {i}: a detection has no eager twin within {BOX_TOL} px (worst {worst})"
 
 
 @pytest.fixture(scope="module", params=[pytest.param("synthetic"), pytest.param("r50", marks=pytest.mark.slow)])
