@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .backbone import fold_frozen_batchnorm
 from .modeling.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .modeling.dab_detr_head import DabDetrHead
+from .modeling.targets import TargetBatch, check_target_batch
 
 __all__ = ["DABDETR", "resnet_stages"]
 
@@ -228,15 +229,17 @@ class DABDETR(nn.Module):
             for r, x, size in zip(results, batched_inputs, images.image_sizes)
         ]
 
-    def prepare_targets(self, instances: List[Instances]) -> List[Dict[str, Tensor]]:
-        """Instances (abs xyxy in the augmented image) -> `{"labels", "boxes"}` with boxes cxcywh / image size."""
-        targets = []
-        for inst in instances:
-            h, w = inst.image_size
-            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor)
-            boxes = boxes / torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            targets.append({"labels": inst.gt_classes.to(self.device), "boxes": boxes.to(self.device)})
-        return targets
+    def prepare_targets(self, instances: List[Instances]) -> TargetBatch:
+        """Instances (abs xyxy in the augmented image) -> one checked `TargetBatch` for the whole step: labels
+        (T,), boxes (T, 4) cxcywh / image size, concatenated over the batch (the matcher and the criterion reuse it
+        for every decoder layer)."""
+        sizes = [len(inst) for inst in instances]
+        scale = torch.tensor([[w, h, w, h] for h, w in (inst.image_size for inst in instances)], dtype=torch.float32)
+        boxes = torch.cat([inst.gt_boxes.tensor for inst in instances]).to(self.device)
+        scale = scale.repeat_interleave(torch.tensor(sizes), dim=0).to(boxes.device, boxes.dtype, non_blocking=True)
+        boxes = box_xyxy_to_cxcywh(boxes) / scale
+        labels = torch.cat([inst.gt_classes for inst in instances]).to(self.device)
+        return check_target_batch(labels, boxes, sizes, self.num_classes)
 
     def inference(self, pred_logits: Tensor, pred_boxes: Tensor, image_sizes) -> List[Instances]:
         """Top-`num_select` (query, class) pairs per image; boxes in absolute xyxy of the unpadded image."""

@@ -13,7 +13,8 @@ pytest.importorskip("timm")
 pytest.importorskip("fvcore")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_hf.py")
-REQUIRED = {"infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb", "max_abs_diff", "gemm_efficiency"}
+REQUIRED = {"infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb", "max_abs_diff", "gemm_efficiency",
+            "synthetic_train_step_ms"}
 
 
 def _load_script():
@@ -45,7 +46,7 @@ def test_quick_run_reports_agreement_and_every_metric(tmp_path):
     # the training comparison started from the same weights and targets: the same loss
     first = rows["train_first_loss"]
     assert first["ours"] == pytest.approx(first["hf"], rel=1e-4)
-    for name in ("infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb"):
+    for name in ("infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb", "synthetic_train_step_ms"):
         row = rows[name]
         assert row["ours"] > 0 and row["hf"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
     assert rows["gemm_efficiency"]["ours"] > 0
@@ -58,13 +59,14 @@ def test_quick_run_reports_agreement_and_every_metric(tmp_path):
 @pytest.mark.slow
 def test_amp_training_steps_of_both_models_start_from_the_same_loss():
     """`--amp` times autocast steps (bf16 on the CPU): both models still see the same weights and targets."""
-    script = _load_script()
+    from benchmarks import models
+
     torch = pytest.importorskip("torch")
-    hf = script.build_hf()
-    ours = script.build_ours(hf.state_dict(), hf_format=True)
-    images, targets = script.make_images(2, (64, 64)), script.make_targets(2)
-    losses = [float(step()) for step in (script.ours_train_step(ours.train(), images, targets, amp=True),
-                                         script.hf_train_step(hf.train(), images, targets, amp=True))]
+    hf = models.hf_r50()
+    ours = models.ours_r50(hf.state_dict(), hf_format=True)
+    images, targets = models.make_images(2, (64, 64)), models.make_targets(2)
+    losses = [float(step()) for step in (models.ours_train_step(ours.train(), images, targets, amp=True),
+                                         models.hf_train_step(hf.train(), images, targets, amp=True))]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 rounding differs between the two codes
 
@@ -72,16 +74,16 @@ def test_amp_training_steps_of_both_models_start_from_the_same_loss():
 @pytest.mark.slow
 def test_no_speed_is_reported_when_outputs_disagree(tmp_path, monkeypatch):
     script = _load_script()
-    build_ours = script.build_ours
+    build_ours = script.ours_r50
 
     def build_wrong_ours(state_dict, hf_format):
         model = build_ours(state_dict, hf_format)
         model.head.class_embed.bias.data += 1e-3  # a small but real difference
         return model
 
-    monkeypatch.setattr(script, "build_ours", build_wrong_ours)
+    monkeypatch.setattr(script, "ours_r50", build_wrong_ours)
     out = tmp_path / "bench.jsonl"
-    assert script.main(["--quick", "--threads", "1", "--json", str(out)]) == 1
+    assert script.main(["--quick", "--threads", "1", "--json", str(out), "--sizes", "r50"]) == 1
     rows = _rows(out)
     assert set(rows) == {"max_abs_diff"}
     assert rows["max_abs_diff"]["ours"] == pytest.approx(1e-3, rel=1e-2)

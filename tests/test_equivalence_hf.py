@@ -12,6 +12,7 @@ pytest.importorskip("timm")
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.structures import ImageList  # noqa: E402
 
+from benchmarks.models import random_hf_model  # noqa: E402
 from dab_detr.checkpoint.hf import convert_hf_state_dict, load_hf_state_dict  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
@@ -21,28 +22,10 @@ TOL = 1e-4
 
 def _hf_model(**config_kwargs):
     """A random HF model with our training settings and no zero/identity weights left to hide mapping errors."""
-    torch.manual_seed(0)
     config = transformers.DabDetrConfig(
         use_pretrained_backbone=False, num_labels=NUM_CLASSES, dropout=0.0, auxiliary_loss=True, **config_kwargs
     )
-    model = transformers.DabDetrForObjectDetection(config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module).__name__.endswith("FrozenBatchNorm2d"):  # identity statistics would hide a BN mix-up
-                module.weight.uniform_(0.5, 1.0, generator=g)
-                module.bias.normal_(0, 0.1, generator=g)
-                module.running_mean.normal_(0, 0.1, generator=g)
-                module.running_var.uniform_(0.5, 1.5, generator=g)
-            elif isinstance(module, torch.nn.PReLU):
-                module.weight.uniform_(0.1, 0.4, generator=g)
-        last = model.bbox_predictor.layers[-1]  # zero-init: boxes would equal the anchors whatever we compute
-        last.weight.normal_(0, 0.02, generator=g)
-        last.bias.normal_(0, 0.1, generator=g)
-        model.model.query_refpoint_embeddings.weight.normal_(0, 1, generator=g)  # HF: N(0, 0.02), all centred
-        if model.model.num_patterns:
-            model.model.patterns.weight.normal_(0, 1, generator=g)
-    return model
+    return random_hf_model(config, seed=0)
 
 
 def _our_model(config_name, **head_overrides):

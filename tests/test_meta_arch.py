@@ -118,7 +118,7 @@ def test_targets_are_normalised_cxcywh_of_the_unpadded_image():
     inst = Instances((50, 200))
     inst.gt_boxes = Boxes(torch.tensor([[20.0, 10.0, 60.0, 30.0]]))
     inst.gt_classes = torch.tensor([3])
-    (target,) = _tiny_model().prepare_targets([inst])
+    (target,) = _tiny_model().prepare_targets([inst]).per_image()
     torch.testing.assert_close(target["boxes"], torch.tensor([[0.2, 0.4, 0.2, 0.4]]))
     assert target["labels"].tolist() == [3]
 

@@ -1,5 +1,6 @@
 """One DETR training step: forward, non-finite check, backward, gradient clipping, optimizer step."""
 import logging
+import math
 import random
 import time
 from typing import Optional
@@ -64,7 +65,10 @@ class DetrTrainer(SimpleTrainer):
         with torch.autocast(self._device_type, dtype=self._amp_dtype, enabled=self.amp):
             loss_dict = self.model(data)
         losses = sum(loss_dict.values())
-        self._check_finite(losses, loss_dict)
+        # Every loss term reaches the host in one copy (one sync on an accelerator instead of one per term): the
+        # finiteness check and the logged metrics both read it.
+        host_losses = dict(zip(loss_dict, torch.stack([v.detach().float() for v in loss_dict.values()]).cpu()))
+        self._check_finite(losses, host_losses)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -75,9 +79,9 @@ class DetrTrainer(SimpleTrainer):
         self.after_backward()
 
         grad_norm = self._clip_gradients()
-        self._write_metrics(loss_dict, data_time)
+        self._write_metrics(host_losses, data_time)
         if grad_norm is not None:
-            get_event_storage().put_scalar("grad_norm", float(grad_norm), smoothing_hint=True)
+            get_event_storage().put_scalar("grad_norm", grad_norm, smoothing_hint=True)
 
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
@@ -107,22 +111,25 @@ class DetrTrainer(SimpleTrainer):
         if self.clip_max_norm is None:
             return None
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm, self.clip_norm_type)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm, self.clip_norm_type))  # 1 sync
         # With a GradScaler, inf/NaN gradients are expected now and then: the scaler skips that step.
-        if self.grad_scaler is None and not torch.isfinite(grad_norm):
+        if self.grad_scaler is None and not math.isfinite(grad_norm):
             raise NonFiniteLossError(
-                f"Non-finite gradient norm ({float(grad_norm)}) at iteration {self.iter}; "
+                f"Non-finite gradient norm ({grad_norm}) at iteration {self.iter}; "
                 "the weights were not updated. Lower the learning rate or check the data of this iteration."
             )
         return grad_norm
 
-    def _check_finite(self, losses, loss_dict):
-        finite = torch.isfinite(losses.detach()).to(torch.int32)
+    def _check_finite(self, losses, host_losses):
+        """`host_losses`: the loss terms, already on the host."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank must stop together, or the others would wait forever in the next all-reduce.
+            finite = torch.isfinite(losses.detach()).to(torch.int32)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        else:
+            finite = all(math.isfinite(float(v)) for v in host_losses.values())
         if not bool(finite):
-            terms = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(loss_dict.items()))
+            terms = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(host_losses.items()))
             raise NonFiniteLossError(
                 f"Loss became infinite or NaN at iteration {self.iter} (on at least one worker); "
                 f"the weights were not updated. This worker's losses: {terms}"

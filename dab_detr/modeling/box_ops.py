@@ -1,16 +1,20 @@
-"""Box utilities. Boxes are `(..., 4)` tensors, either `(cx, cy, w, h)` or `(x0, y0, x1, y1)`."""
+"""Box utilities. Boxes are `(..., 4)` tensors, either `(cx, cy, w, h)` or `(x0, y0, x1, y1)`.
+
+Conversions and the (generalized) IoU are torchvision's (`torchvision.ops`); this module adds the checks and the
+inverse sigmoid of the DAB-DETR anchor update.
+"""
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
+from torchvision.ops import generalized_box_iou as _generalized_box_iou
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+    return box_convert(boxes, "cxcywh", "xyxy")
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
+    return box_convert(boxes, "xyxy", "cxcywh")
 
 
 def box_area(boxes: Tensor) -> Tensor:
@@ -20,7 +24,10 @@ def box_area(boxes: Tensor) -> Tensor:
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor):
-    """Pairwise IoU and union of xyxy boxes `(N, 4)` x `(M, 4)` -> `(N, M)`, `(N, M)`."""
+    """Pairwise IoU and union of xyxy boxes `(N, 4)` x `(M, 4)` -> `(N, M)`, `(N, M)`.
+
+    (torchvision's `box_iou` returns no union; the synthetic data generator reads both.)
+    """
     area1, area2 = box_area(boxes1), box_area(boxes2)
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
@@ -33,18 +40,15 @@ def box_iou(boxes1: Tensor, boxes2: Tensor):
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise generalized IoU (Rezatofighi et al. 2019) of xyxy boxes `(N, 4)` x `(M, 4)` -> `(N, M)`.
 
-    Inverted boxes (x1 < x0) are an error: they come from non-finite or corrupted predictions.
+    Inverted boxes (x1 < x0) are an error: they come from non-finite or corrupted predictions. The check costs a
+    host sync; the matcher and the criterion skip it (their targets are checked once per step, their predictions
+    are sigmoid cxcywh, and a non-finite cost is caught on the matcher's one copy to the host).
     """
     if not torch.compiler.is_compiling() and not (
         bool((boxes1[:, 2:] >= boxes1[:, :2]).all()) and bool((boxes2[:, 2:] >= boxes2[:, :2]).all())
     ):
         raise ValueError("generalized_box_iou: got inverted or non-finite boxes (x1 < x0 or y1 < y0)")
-    iou, union = box_iou(boxes1, boxes2)
-    lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    hull = wh[..., 0] * wh[..., 1]
-    return iou - (hull - union) / hull
+    return _generalized_box_iou(boxes1, boxes2)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:

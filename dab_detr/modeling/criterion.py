@@ -1,15 +1,15 @@
 """DAB-DETR training loss: sigmoid focal classification + L1 + GIoU on Hungarian-matched pairs."""
 
-from itertools import accumulate
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import sigmoid_focal_loss as _sigmoid_focal_loss
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from .matcher import HungarianMatcher, concat_targets
+from .matcher import HungarianMatcher, Indices
+from .targets import TargetBatch, collate_targets
 
 
 def sigmoid_focal_loss(
@@ -17,15 +17,9 @@ def sigmoid_focal_loss(
 ) -> Tensor:
     """Focal loss (Lin et al. 2017) of logits against {0, 1} targets of the same shape, summed / num_boxes.
 
-    `alpha < 0` disables the class-balance weighting.
+    `alpha < 0` disables the class-balance weighting (torchvision's `sigmoid_focal_loss`).
     """
-    prob = inputs.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.sum() / num_boxes
+    return _sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction="sum") / num_boxes
 
 
 class SetCriterion(nn.Module):
@@ -84,57 +78,63 @@ class SetCriterion(nn.Module):
             )
 
     def layer_losses(
-        self,
-        outputs: Dict[str, Tensor],
-        indices: List[Tuple[Tensor, Tensor]],
-        tgt_labels: Tensor,
-        tgt_boxes: Tensor,
-        sizes: List[int],
-        num_boxes: Tensor,
+        self, layers: Sequence[Dict[str, Tensor]], indices: List[Indices], targets: TargetBatch, num_boxes: Tensor
     ) -> Dict[str, Tensor]:
-        """Weighted losses of one decoder layer given its matching.
+        """Weighted losses of L decoder layers given their matchings, computed for all layers at once.
 
         Args:
-            outputs: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4).
-            indices: per image (query indices, target indices), as returned by the matcher.
-            tgt_labels (T,), tgt_boxes (T, 4): targets of all images concatenated; `sizes` per image.
+            layers: L dicts with "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4).
+            indices: per layer, per image (query indices, target indices), as returned by the matcher.
+            targets: the batch's targets (T concatenated boxes and labels).
+        Returns:
+            "loss_class", "loss_bbox", "loss_giou": (L,) weighted losses, one per layer.
         """
-        pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        # Flat index of the matched pairs, built on the CPU and moved in one copy: (image, query) into the
-        # predictions and the offset target index into the concatenated targets.
-        offsets = list(accumulate([0] + sizes[:-1]))
+        pred_logits = torch.stack([layer["pred_logits"] for layer in layers])  # (L, B, Q, C)
+        pred_boxes = torch.stack([layer["pred_boxes"] for layer in layers])  # (L, B, Q, 4)
+        num_layers = len(layers)
+        # Flat index of the matched pairs of all layers, built on the CPU and moved in one copy: (layer, image,
+        # query) into the predictions and the offset target index into the concatenated targets.
+        offsets = torch.tensor([0] + targets.sizes[:-1]).cumsum(0).tolist()
+        pairs = [(l, b, q, t + offsets[b]) for l, layer in enumerate(indices) for b, (q, t) in enumerate(layer)]
+        counts = torch.tensor([len(q) for _, _, q, _ in pairs])
         flat = torch.stack(
             [
-                torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]),
-                torch.cat([q for q, _ in indices]),
-                torch.cat([t + offsets[i] for i, (_, t) in enumerate(indices)]),
+                torch.tensor([l for l, _, _, _ in pairs]).repeat_interleave(counts),
+                torch.tensor([b for _, b, _, _ in pairs]).repeat_interleave(counts),
+                torch.cat([torch.as_tensor(q, dtype=torch.int64) for _, _, q, _ in pairs]),
+                torch.cat([torch.as_tensor(t, dtype=torch.int64) for _, _, _, t in pairs]),
             ]
         )
-        batch_idx, query_idx, target_idx = flat.to(pred_logits.device).unbind(0)
+        layer_idx, batch_idx, query_idx, target_idx = flat.to(pred_logits.device).unbind(0)
 
         # One-hot over the C real classes; unmatched queries keep an all-zero row (no background column).
         onehot = torch.zeros_like(pred_logits)
-        onehot[batch_idx, query_idx, tgt_labels[target_idx]] = 1
-        loss_class = sigmoid_focal_loss(pred_logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma)
+        onehot[layer_idx, batch_idx, query_idx, targets.labels[target_idx]] = 1
+        loss_class = _sigmoid_focal_loss(pred_logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
+        loss_class = loss_class.flatten(1).sum(1)
 
-        src_boxes = pred_boxes[batch_idx, query_idx]
-        matched_tgt_boxes = tgt_boxes[target_idx].to(src_boxes.dtype)
-        loss_bbox = F.l1_loss(src_boxes, matched_tgt_boxes, reduction="none").sum() / num_boxes
-        # diag of the pairwise GIoU: matched pairs per batch are few (~100), so the N x N matrix is cheap.
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(matched_tgt_boxes)))
-        loss_giou = (1 - giou).sum() / num_boxes
+        src_boxes = pred_boxes[layer_idx, batch_idx, query_idx]
+        tgt_boxes = targets.boxes[target_idx].to(src_boxes.dtype)
+        loss_bbox = torch.zeros(num_layers, dtype=src_boxes.dtype, device=src_boxes.device)
+        loss_bbox = loss_bbox.index_add(0, layer_idx, (src_boxes - tgt_boxes).abs().sum(-1))
+        # 1 - GIoU of the matched pairs only (torchvision's elementwise loss, no N x N matrix)
+        giou = generalized_box_iou_loss(
+            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="none"
+        )
+        loss_giou = torch.zeros_like(loss_bbox).index_add(0, layer_idx, giou)
         return {
-            "loss_class": self.loss_class * loss_class,
-            "loss_bbox": self.loss_bbox * loss_bbox,
-            "loss_giou": self.loss_giou * loss_giou,
+            "loss_class": self.loss_class * loss_class / num_boxes,
+            "loss_bbox": self.loss_bbox * loss_bbox / num_boxes,
+            "loss_giou": self.loss_giou * loss_giou / num_boxes,
         }
 
-    def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    def forward(self, outputs: Dict, targets: Union[TargetBatch, Sequence[Dict[str, Tensor]]]) -> Dict[str, Tensor]:
         """
         Args:
             outputs: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) of the last layer, optional
                 "aux_outputs": list of the same dicts for decoder layers 0 .. L-2.
-            targets: B dicts with "labels" (n_i,) and "boxes" (n_i, 4) normalised cxcywh.
+            targets: a `TargetBatch` (checked once per step by the meta-architecture), or B dicts with
+                "labels" (n_i,) and "boxes" (n_i, 4) normalised cxcywh.
         Returns:
             weighted scalar losses `loss_{class,bbox,giou}` and `loss_{class,bbox,giou}_{i}` per aux layer;
             their sum is the total loss.
@@ -146,12 +146,13 @@ class SetCriterion(nn.Module):
             self._check_outputs(layer_outputs, name)
         device = outputs["pred_logits"].device
         batch_size = outputs["pred_logits"].shape[0]
-        tgt_labels, tgt_boxes, sizes = concat_targets(targets, batch_size, self.num_classes, device)
-        num_boxes = self.get_num_boxes(tgt_labels.numel(), device)
+        targets = collate_targets(targets, batch_size, self.num_classes, device)
+        num_boxes = self.get_num_boxes(targets.labels.numel(), device)
 
+        layer_outputs = [layer for _, layer, _ in layers]
+        indices = self.matcher.match_layers(layer_outputs, targets)
+        per_layer = self.layer_losses(layer_outputs, indices, targets, num_boxes)
         losses = {}
-        for suffix, layer_outputs, _ in layers:
-            indices = self.matcher(layer_outputs, targets)
-            layer = self.layer_losses(layer_outputs, indices, tgt_labels, tgt_boxes, sizes, num_boxes)
-            losses.update({k + suffix: v for k, v in layer.items()})
+        for i, (suffix, _, _) in enumerate(layers):
+            losses.update({k + suffix: v[i] for k, v in per_layer.items()})
         return losses

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from detectron2.modeling.backbone import BasicStem, ResNet  # noqa: E402
 from detectron2.structures import ImageList  # noqa: E402
 
+from benchmarks.models import random_hf_model  # noqa: E402
 from dab_detr.backbone import small_resnet_stages  # noqa: E402
 from dab_detr.checkpoint.classes import coco_thing_ids  # noqa: E402
 from dab_detr.checkpoint.convert import convert_checkpoint  # noqa: E402
@@ -23,7 +24,6 @@ WIDTHS, HIDDEN, QUERIES, HEADS = [16, 32, 64, 128], 64, 12, 4
 
 
 def _hf_model(num_labels):
-    torch.manual_seed(0)
     config = transformers.DabDetrConfig(
         use_pretrained_backbone=False, use_timm_backbone=False,
         backbone_config=transformers.ResNetConfig(
@@ -34,20 +34,8 @@ def _hf_model(num_labels):
         decoder_ffn_dim=128, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, num_queries=QUERIES,
         dropout=0.0, auxiliary_loss=True,
     )
-    model = transformers.DabDetrForObjectDetection(config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # no identity BN / zero box deltas / centred anchors left to hide a mapping error
-        for module in model.modules():
-            if type(module).__name__.endswith("FrozenBatchNorm2d"):
-                module.weight.uniform_(0.5, 1.0, generator=g)
-                module.bias.normal_(0, 0.1, generator=g)
-                module.running_mean.normal_(0, 0.1, generator=g)
-                module.running_var.uniform_(0.5, 1.5, generator=g)
-        model.bbox_predictor.layers[-1].weight.normal_(0, 0.02, generator=g)
-        model.bbox_predictor.layers[-1].bias.normal_(0, 0.1, generator=g)
-        model.model.query_refpoint_embeddings.weight.normal_(0, 1, generator=g)
-        model.class_embed.weight.normal_(0, 0.5, generator=g)
-    return model
+    # no identity BN / zero box deltas / centred anchors left to hide a mapping error
+    return random_hf_model(config, seed=0, class_embed_std=0.5)
 
 
 def _our_model(num_classes):

@@ -89,3 +89,41 @@ def test_inverse_sigmoid_clamps_at_zero_and_one():
 def test_inverse_sigmoid_inverts_sigmoid_inside_the_clamp():
     logits = torch.linspace(-5, 5, 11, dtype=torch.float64)
     torch.testing.assert_close(inverse_sigmoid(logits.sigmoid()), logits)
+
+
+# ---- library ops pinned against the formulas they replaced ------------------------------------------------------
+def _old_cxcywh_to_xyxy(boxes):
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def _old_xyxy_to_cxcywh(boxes):
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
+
+
+def _old_generalized_box_iou(boxes1, boxes2):
+    iou, union = box_iou(boxes1, boxes2)
+    lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    hull = wh[..., 0] * wh[..., 1]
+    return iou - (hull - union) / hull
+
+
+def test_box_convert_equals_the_previous_formulas():
+    g = torch.Generator().manual_seed(3)
+    cxcywh = torch.rand(3, 9, 4, generator=g)
+    torch.testing.assert_close(box_cxcywh_to_xyxy(cxcywh), _old_cxcywh_to_xyxy(cxcywh), rtol=0, atol=0)
+    xyxy = _old_cxcywh_to_xyxy(cxcywh)
+    torch.testing.assert_close(box_xyxy_to_cxcywh(xyxy), _old_xyxy_to_cxcywh(xyxy), rtol=0, atol=0)
+
+
+def test_torchvision_giou_equals_the_previous_formula():
+    from torchvision.ops import generalized_box_iou as tv_giou
+
+    g = torch.Generator().manual_seed(4)
+    a = box_cxcywh_to_xyxy(torch.rand(11, 4, generator=g) * 0.5 + 0.05)
+    b = box_cxcywh_to_xyxy(torch.rand(7, 4, generator=g) * 0.5 + 0.05)
+    torch.testing.assert_close(tv_giou(a, b), _old_generalized_box_iou(a, b))
+    torch.testing.assert_close(generalized_box_iou(a, b), _old_generalized_box_iou(a, b))

@@ -24,6 +24,9 @@ class FixedMatcher(nn.Module):
     def forward(self, outputs, targets):
         return self.indices
 
+    def match_layers(self, layers, targets):
+        return [self.indices for _ in layers]
+
 
 def _outputs(batch_size, num_queries, num_classes, num_aux=0, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
@@ -115,6 +118,62 @@ def test_sigmoid_focal_loss_equals_formula(alpha, gamma):
             expected += _focal(x, y, alpha, gamma)
     got = sigmoid_focal_loss(inputs, targets, num_boxes=3.0, alpha=alpha, gamma=gamma)
     assert got.item() == pytest.approx(expected / 3.0, rel=1e-10)
+
+
+def _old_sigmoid_focal_loss(inputs, targets, num_boxes, alpha, gamma):
+    """The focal loss as this repository wrote it before using torchvision's."""
+    prob = inputs.sigmoid()
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.sum() / num_boxes
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.4, 1.5), (-1.0, 2.0)])
+def test_torchvision_focal_loss_equals_the_previous_code(alpha, gamma):
+    g = torch.Generator().manual_seed(7)
+    inputs = torch.randn(2, 5, 6, generator=g)
+    targets = (torch.rand(2, 5, 6, generator=g) > 0.8).float()
+    torch.testing.assert_close(
+        sigmoid_focal_loss(inputs, targets, 4.0, alpha, gamma), _old_sigmoid_focal_loss(inputs, targets, 4.0, alpha, gamma)
+    )
+
+
+def test_elementwise_giou_loss_equals_the_diagonal_of_the_pairwise_giou():
+    """torchvision's `generalized_box_iou_loss` (matched pairs only) against the N x N matrix's diagonal used before."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    from dab_detr.modeling.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+    g = torch.Generator().manual_seed(8)
+    src = box_cxcywh_to_xyxy(torch.rand(40, 4, generator=g) * 0.5 + 0.05)
+    tgt = box_cxcywh_to_xyxy(torch.rand(40, 4, generator=g) * 0.5 + 0.05)
+    old = (1 - torch.diag(generalized_box_iou(src, tgt))).sum()
+    # torchvision adds eps=1e-7 to the union and the hull: equal to ~1e-7 relative at these box sizes
+    torch.testing.assert_close(generalized_box_iou_loss(src, tgt, reduction="sum"), old, rtol=1e-5, atol=1e-6)
+
+
+def test_target_batch_is_checked_once_and_reused_for_every_layer(monkeypatch):
+    """A prepared `TargetBatch` goes through the criterion without being collated again, and gives the same losses
+    as the per-image dicts."""
+    from dab_detr.modeling import targets as targets_module
+    from dab_detr.modeling.targets import collate_targets
+
+    outputs = _outputs(2, 5, 3, num_aux=3, seed=9)
+    targets = _targets([2, 3], 3, seed=10)
+    criterion = SetCriterion(3, HungarianMatcher())
+    expected = criterion(outputs, targets)
+    batch = collate_targets(targets, 2, 3, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(targets_module, "check_target_batch", lambda *a: calls.append(a))
+    got = criterion(outputs, batch)
+    assert calls == []
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+    assert [t["labels"].tolist() for t in batch.per_image()] == [t["labels"].tolist() for t in targets]
 
 
 def test_losses_equal_formulas_for_a_given_matching():
