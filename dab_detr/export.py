@@ -160,8 +160,8 @@ def _example_inputs(model: nn.Module, static_hw: Optional[Tuple[int, int]]):
     """A batch of two differently sized images (dims that are not multiples of the stride, so no shape gets
     specialised), or two images of the static size."""
     h, w = static_hw or (227, 205)
-    if static_hw is not None and min(static_hw) <= model.size_divisibility:
-        raise ExportError(f"--static {h}x{w}: height and width must exceed the stride {model.size_divisibility}")
+    if static_hw is not None and min(static_hw) <= 2 * model.size_divisibility:
+        raise ExportError(f"--static {h}x{w}: both sides must exceed twice the stride {model.size_divisibility}")
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, h, w, generator=g) * 255
     sizes = torch.tensor([[h, w], [h - 11, w - 7]] if static_hw is None else [[h, w], [h, w]], dtype=torch.int64)
@@ -170,14 +170,15 @@ def _example_inputs(model: nn.Module, static_hw: Optional[Tuple[int, int]]):
 
 
 def _dynamic_shapes(model: nn.Module, static_hw):
-    """Batch 1..64, and unless static, height and width from just over one stride (a feature map of at least 2 x 2
-    cells; the exporter proves the graph for those sizes only) to 4096."""
+    """Batch 1..64, and unless static, height and width from just over two strides to 4096: the exporter proves the
+    graph for those sizes only, and every feature map (an extra level at twice the stride included, as deformable
+    models add) then has at least 2 x 2 cells."""
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=64)
     if static_hw is not None:
         return {"images": {0: batch}, "image_sizes": {0: batch}}
-    smallest = model.size_divisibility + 1
+    smallest = 2 * model.size_divisibility + 1
     height, width = Dim("height", min=smallest, max=4096), Dim("width", min=smallest, max=4096)
     return {"images": {0: batch, 2: height, 3: width}, "image_sizes": {0: batch}}
 
