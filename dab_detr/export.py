@@ -31,8 +31,10 @@ __all__ = [
     "inference_resize_of",
 ]
 
-# Opsets the exporter (torch.onnx's dynamo path) writes directly; older ones would need a lossy down-conversion.
-ONNX_OPSETS = range(18, 24)
+# Opsets the exporter (torch.onnx's dynamo path) writes directly (older ones would need a lossy down-conversion)
+# and onnxruntime runs: at 23 attention becomes the ONNX `Attention` op, which onnxruntime 1.32's CPU kernel rejects
+# with our key-padding mask.
+ONNX_OPSETS = range(18, 23)
 DEFAULT_OPSET = 18
 FORMATS = ("onnx", "exported_program")
 _REQUIRED = ("pixel_mean", "pixel_std", "size_divisibility", "input_format", "num_select", "forward_raw")
