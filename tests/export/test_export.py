@@ -1,6 +1,7 @@
 """One exported file per model (dynamic batch, height and width), run by onnxruntime and by torch, equals the
 PyTorch model in eager mode on an image 480x640, one 640x480 and the zero-padded batch of both."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 
 from dab_detr.export import ExportableDetector, ExportError, check_onnx_opset, export_onnx, export_program
 
-from export_helpers import build_model, three_inputs
+from export_helpers import ROOT, build_model, three_inputs
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -24,8 +25,12 @@ TINY_SYNTHETIC = [
 ]
 MODELS = {
     "synthetic": ("configs/dab_detr_synthetic.py", TINY_SYNTHETIC),
+    "deformable_synthetic": ("configs/dab_deformable_detr_synthetic.py",
+                             ["model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2"]),
     "r50": ("configs/dab_detr_r50_50ep.py", []),
 }
+_DEFORMABLE_MISSING = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, MODELS["deformable_synthetic"][0])),
+                                         reason="DAB-Deformable-DETR is not in this checkout")
 
 
 def _eager(model, images):
@@ -53,7 +58,11 @@ def assert_detections_match(boxes, scores, labels, instances):
         assert worst < BOX_TOL, f"image {i}: a detection has no eager twin within {BOX_TOL} px (worst {worst})"
 
 
-@pytest.fixture(scope="module", params=[pytest.param("synthetic"), pytest.param("r50", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=[
+    pytest.param("synthetic"),
+    pytest.param("deformable_synthetic", marks=[pytest.mark.slow, _DEFORMABLE_MISSING]),
+    pytest.param("r50", marks=pytest.mark.slow),
+])
 def exported(request, tmp_path_factory):
     """(model, onnx path, ExportedProgram re-loaded from its file) for one model."""
     config, overrides = MODELS[request.param]
