@@ -1,19 +1,22 @@
-"""Our DAB-DETR R50 vs HuggingFace `DabDetrForObjectDetection`: speed, memory and FLOP efficiency, same weights.
+"""Our DAB-DETR vs HuggingFace `DabDetrForObjectDetection` (R50 and the synthetic size): speed, memory, FLOPs.
 
     python benchmarks/compare_hf.py [--json results.jsonl] [--threads 2] [--quick] [--device cuda] [--amp]
-                                    [--sizes r50 synthetic]
+                                    [--sizes r50 synthetic] [--cpu-time]
+
+The models and steps are `benchmarks.models` (shared with the tests), the timing and memory helpers
+`benchmarks.measure`; this file is the command line and the list of comparisons.
 
 One process builds both models (HF's with random weights, ours loaded from it by `dab_detr.checkpoint.hf`), checks
 that their outputs agree to 1e-4 on the benchmark input (otherwise it reports no timings and exits 1), then times
 them alternately (ABBA order, medians after warm-up, the same input and thread count):
 - inference, 1x3x640x640 and 1x3x800x1333 (`forward_raw` vs HF `forward`: both return logits and boxes);
-- one training step, 2x3x512x512 with the same targets: forward + loss + backward + AdamW step, the stem frozen in
+- one training step, 2x3x512x512 with the same targets: forward + loss + backward + fused AdamW step, the stem frozen in
   both (our `freeze_at=1`), dropout 0, auxiliary losses on, HF's class-loss weight set to ours (1);
 - peak memory: each model in a fresh subprocess that loads the same weights, returns freed heap to the OS
   (`malloc_trim`), resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), runs two inferences (or two
   training steps) and reports the peak RSS above the loaded-model baseline;
 - FLOPs (fvcore, one multiply-add = 2 FLOPs) and the achieved GFLOP/s next to a plain fp32 GEMM's GFLOP/s
-  measured in the same run.
+  measured in the same run;
 - `synthetic` size: one training step of the `configs/dab_detr_synthetic.py` model (what `make train` trains; batch
   16 of 128x128: forward + loss + backward + clip 1.0 + its AdamW, as the trainer runs it from detectron2 inputs)
   against HF's model of nearly the same size (`benchmarks.models.hf_synthetic`) with fused AdamW (HF Trainer's
@@ -31,6 +34,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from typing import Dict, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +143,7 @@ def time_training(report, ours, hf, plan, device: str, amp: bool) -> None:
     ours.eval(), hf.eval()
 
 
-def time_synthetic_training(report, plan, device: str, amp: bool) -> None:
+def time_synthetic_training(report, plan, device: str, amp: bool, cpu_time: bool = False) -> None:
     """The `make train` model's step (from detectron2 inputs, its own optimizer, clip 1.0) vs HF's same size."""
     from detectron2.config import instantiate
 
@@ -161,11 +165,12 @@ def time_synthetic_training(report, plan, device: str, amp: bool) -> None:
                                                                       weight_decay=cfg.optimizer.weight_decay),
                             clip_max_norm=clip),
     }
-    times = measure.alternate(steps, plan["warmup"], plan["synthetic_runs"], device)
+    clock = time.process_time if cpu_time else time.perf_counter
+    times = measure.alternate(steps, plan["warmup"], plan["synthetic_runs"], device, clock=clock)
     ms = measure.median_ms(times)
     params = {"ours": sum(p.numel() for p in ours.parameters()), "hf": sum(p.numel() for p in hf.parameters())}
     report.add("synthetic_train_step_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["synthetic_runs"],
-               params=params)
+               params=params, clock="process CPU time" if cpu_time else "wall")
 
 
 def flop_efficiency(report, ours, hf, images: torch.Tensor, gemm: float) -> None:
@@ -243,6 +248,8 @@ def main(argv=None) -> int:
                         help="time under autocast (fp16 + GradScaler on CUDA, bf16 on the CPU); agreement stays fp32")
     parser.add_argument("--sizes", nargs="+", default=["r50", "synthetic"], choices=["r50", "synthetic"],
                         help="which model sizes to compare (default both)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the synthetic-size step in process CPU time (for a shared machine; use --threads 1)")
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--infer-size", type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--train-size", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -263,7 +270,7 @@ def main(argv=None) -> int:
         measure.write_jsonl(args.json, report.rows)
         return 1
     if "synthetic" in args.sizes:
-        time_synthetic_training(report, plan, device, args.amp)
+        time_synthetic_training(report, plan, device, args.amp, args.cpu_time)
 
     if "r50" in args.sizes:
         report.add("cpu_cores_busy_self", cpu.process_cores)

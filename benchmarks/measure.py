@@ -23,9 +23,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def alternate(fns: Dict[str, Callable], warmup: int, runs: int, device: str = "cpu") -> Dict[str, List[float]]:
+def alternate(fns: Dict[str, Callable], warmup: int, runs: int, device: str = "cpu",
+              clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
     """Seconds per call of each function, called in turns (ABBA order, so drift hits both alike); each call is
-    timed to the end of its device work."""
+    timed to the end of its device work. `clock`: wall time by default; `time.process_time` (this process's CPU
+    time, all threads) is less disturbed by other processes on a shared machine (meaningful with 1 thread: idle
+    worker threads spin)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -34,10 +37,10 @@ def alternate(fns: Dict[str, Callable], warmup: int, runs: int, device: str = "c
     for i in range(runs):
         for name in names if i % 2 == 0 else reversed(names):
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -205,14 +208,17 @@ def run_json_subprocess(cmd: List[str], what: str) -> Dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def print_table(title: str, rows: List[Dict], cpu: Optional[CpuMonitor] = None, file=sys.stdout) -> None:
-    """The rows as a readable table (ours, HF, ours/HF) and the machine's load during the timings."""
+def print_table(title: str, rows: List[Dict], cpu: Optional[CpuMonitor] = None, file=sys.stdout,
+                columns: Tuple[str, str] = ("ours", "HF")) -> None:
+    """The rows as a readable table (`columns`: the names of the "ours" and "hf" values; their ratio) and the
+    machine's load during the timings."""
     print(title, file=file)
-    print(f"{'metric':<28} {'shape':<14} {'ours':>11} {'HF':>11} {'ours/HF':>8}", file=file)
+    a, b = columns
+    print(f"{'metric':<28} {'shape':<14} {a:>11} {b:>11} {a + '/' + b:>9}", file=file)
     for r in rows:
         fmt = "{:11.3g}" if r["metric"] in ("max_abs_diff",) else "{:11.2f}"
         hf = fmt.format(r["hf"]) if r["hf"] is not None else " " * 11
-        ratio = f"{r['ratio']:8.3f}" if r["ratio"] is not None else ""
+        ratio = f"{r['ratio']:9.3f}" if r["ratio"] is not None else ""
         print(f"{r['metric']:<28} {r.get('shape', ''):<14} {fmt.format(r['ours'])} {hf} {ratio}", file=file)
     if cpu is not None:
         print(f"load average {cpu.load_start[0]:.2f} -> {cpu.load_end[0]:.2f}; during timing this process kept "

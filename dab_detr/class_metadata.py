@@ -110,7 +110,7 @@ def inference_classes(cfg) -> List[str]:
     must then have the checkpoint's class count."""
     from detectron2.data import MetadataCatalog
 
-    from .engine import num_classes_of
+    from .data.coco import num_classes_of
 
     checkpoint = cfg.train.get("init_checkpoint", "")
     meta, rows = inspect_checkpoint(checkpoint)

@@ -1,51 +1,52 @@
-"""yacs defaults for DAB-DETR (`cfg.MODEL.DAB_DETR.*`); LazyConfig users use `configs/models/*.py` instead.
+"""yacs options for DAB-DETR (`cfg.MODEL.DAB_DETR.*`), generated from the constructors' defaults.
 
-Usage: `cfg = get_cfg(); add_dab_detr_config(cfg); cfg.MODEL.META_ARCHITECTURE = "DABDETR"`, with a backbone
-that outputs `MODEL.DAB_DETR.IN_FEATURE`, e.g. `MODEL.BACKBONE.NAME = "build_resnet_backbone"`,
-`MODEL.RESNETS.OUT_FEATURES = ["res5"]`, `MODEL.RESNETS.NORM = "FrozenBN"`, `MODEL.RESNETS.STRIDE_IN_1X1 = False`,
-ImageNet RGB `MODEL.PIXEL_MEAN/STD` and `INPUT.FORMAT = "RGB"`. Note that detectron2's `RESNETS.RES5_DILATION = 2`
-also dilates res5's first block, unlike torchvision's DC5 (see `dab_detr.meta_arch.resnet_stages`).
+The defaults live in one place, the signatures of `DABDETR`, `DabDetrHead`, `HungarianMatcher` and `SetCriterion`
+(the LazyConfig files in `configs/models/` call the same constructors); each argument `name` with a default is the
+yacs key `NAME`. `configs/yacs/Base-DAB-DETR.yaml` sets the detectron2 keys the model needs (ResNet `res5`
+output, FrozenBN, RGB ImageNet statistics, DETR's augmentations):
+
+    cfg = get_cfg(); add_dab_detr_config(cfg); cfg.merge_from_file("configs/yacs/dab_detr_R_50.yaml")
+
+Paper defaults: docs/design.md §3.
 """
+import inspect
+from typing import Callable, Dict
+
 from detectron2.config import CfgNode as CN
+
+__all__ = ["add_dab_detr_config", "yacs_arguments"]
+
+# Arguments that are not options: built from other keys, or read from detectron2's own (`INPUT.FORMAT`).
+_NOT_OPTIONS = {"self", "in_channels", "input_format", "matcher"}
+
+
+def _option_defaults(fn: Callable) -> Dict[str, object]:
+    return {
+        name.upper(): p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if name not in _NOT_OPTIONS and p.default is not inspect.Parameter.empty
+    }
 
 
 def add_dab_detr_config(cfg: CN) -> None:
-    """Add `MODEL.DAB_DETR` with the paper's defaults (DESIGN.md section 2)."""
-    cfg.MODEL.DAB_DETR = c = CN()
+    """Add `MODEL.DAB_DETR` with one key per constructor argument (and `NUM_CLASSES`, default 80)."""
+    # Imported here so that `import dab_detr` does not need scipy (the matcher's).
+    from .meta_arch import DABDETR
+    from .modeling.criterion import SetCriterion
+    from .modeling.dab_detr_head import DabDetrHead
+    from .modeling.matcher import HungarianMatcher
+
+    c = CN()
     c.NUM_CLASSES = 80
-    c.IN_FEATURE = "res5"
-    c.HIDDEN_DIM = 256
-    c.NUM_QUERIES = 300
-    c.NHEADS = 8
-    c.ENC_LAYERS = 6
-    c.DEC_LAYERS = 6
-    c.DIM_FEEDFORWARD = 2048
-    c.DROPOUT = 0.0
-    c.ACTIVATION = "prelu"
-    c.NUM_PATTERNS = 0
-    c.QUERY_SCALE_TYPE = "cond_elewise"
-    c.MODULATE_HW_ATTN = True
-    c.KEEP_QUERY_POS = False
-    c.RM_SELF_ATTN_DECODER = False
-    c.BBOX_EMBED_DIFF_EACH_LAYER = False
-    c.RANDOM_REFPOINTS_XY = False
-    c.FREEZE_ANCHOR_XY = False
-    c.ANCHOR_INIT = ""  # "" = N(0, 1) logits (official); "spread" for training from scratch
-    c.PE_TEMPERATURE_H = 20.0
-    c.PE_TEMPERATURE_W = 20.0
-    c.PRIOR_PROB = 0.01
-    c.INVERSE_SIGMOID_EPS = 1e-3
-    c.AUX_LOSS = True
-    # matcher costs
-    c.COST_CLASS = 2.0
-    c.COST_BBOX = 5.0
-    c.COST_GIOU = 2.0
-    # loss weights
-    c.CLASS_WEIGHT = 1.0
-    c.BBOX_WEIGHT = 5.0
-    c.GIOU_WEIGHT = 2.0
-    c.FOCAL_ALPHA = 0.25
-    c.FOCAL_GAMMA = 2.0
-    # inference / input
-    c.NUM_SELECT = 300
-    c.SIZE_DIVISIBILITY = 32
+    for fn in (DABDETR.__init__, DabDetrHead.__init__, HungarianMatcher.__init__, SetCriterion.__init__):
+        for key, value in _option_defaults(fn).items():
+            if key in c and c[key] != value:
+                raise RuntimeError(f"MODEL.DAB_DETR.{key}: two constructors disagree on its default ({c[key]!r}, "
+                                   f"{value!r})")
+            c[key] = value
+    cfg.MODEL.DAB_DETR = c
+
+
+def yacs_arguments(fn: Callable, node: CN) -> Dict[str, object]:
+    """The arguments of `fn` that `node` (`cfg.MODEL.DAB_DETR`) sets, by the naming rule above."""
+    return {k.lower(): node[k] for k in _option_defaults(fn) if k in node}

@@ -123,7 +123,10 @@ class DABDETR(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        """yacs: `MODEL.DAB_DETR.<ARGUMENT>` for each constructor argument (`dab_detr.config`), detectron2's
+        backbone, `MODEL.PIXEL_MEAN/STD` and `INPUT.FORMAT`."""
         # Imported here so that inference-only users of the module do not need scipy.
+        from .config import yacs_arguments
         from .modeling.criterion import SetCriterion
         from .modeling.matcher import HungarianMatcher
 
@@ -133,50 +136,20 @@ class DABDETR(nn.Module):
         if c.IN_FEATURE not in shapes:
             raise ValueError(f"MODEL.DAB_DETR.IN_FEATURE {c.IN_FEATURE!r} is not a backbone output {sorted(shapes)}")
         head = DabDetrHead(
-            in_channels=shapes[c.IN_FEATURE].channels,
-            num_classes=c.NUM_CLASSES,
-            hidden_dim=c.HIDDEN_DIM,
-            num_queries=c.NUM_QUERIES,
-            nheads=c.NHEADS,
-            num_encoder_layers=c.ENC_LAYERS,
-            num_decoder_layers=c.DEC_LAYERS,
-            dim_feedforward=c.DIM_FEEDFORWARD,
-            dropout=c.DROPOUT,
-            activation=c.ACTIVATION,
-            num_patterns=c.NUM_PATTERNS,
-            query_scale_type=c.QUERY_SCALE_TYPE,
-            modulate_hw_attn=c.MODULATE_HW_ATTN,
-            keep_query_pos=c.KEEP_QUERY_POS,
-            rm_self_attn_decoder=c.RM_SELF_ATTN_DECODER,
-            bbox_embed_diff_each_layer=c.BBOX_EMBED_DIFF_EACH_LAYER,
-            random_refpoints_xy=c.RANDOM_REFPOINTS_XY,
-            freeze_anchor_xy=c.FREEZE_ANCHOR_XY,
-            anchor_init=c.ANCHOR_INIT or None,
-            pe_temperature_h=c.PE_TEMPERATURE_H,
-            pe_temperature_w=c.PE_TEMPERATURE_W,
-            prior_prob=c.PRIOR_PROB,
-            inverse_sigmoid_eps=c.INVERSE_SIGMOID_EPS,
-            aux_loss=c.AUX_LOSS,
+            in_channels=shapes[c.IN_FEATURE].channels, num_classes=c.NUM_CLASSES,
+            **yacs_arguments(DabDetrHead.__init__, c),
         )
-        matcher = HungarianMatcher(
-            cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
-            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA,
-        )
-        criterion = SetCriterion(
-            c.NUM_CLASSES, matcher, loss_class=c.CLASS_WEIGHT, loss_bbox=c.BBOX_WEIGHT, loss_giou=c.GIOU_WEIGHT,
-            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA,
-        )
+        matcher = HungarianMatcher(**yacs_arguments(HungarianMatcher.__init__, c))
+        criterion = SetCriterion(c.NUM_CLASSES, matcher, **yacs_arguments(SetCriterion.__init__, c))
         return {
             "backbone": backbone,
             "head": head,
             "criterion": criterion,
             "num_classes": c.NUM_CLASSES,
-            "in_feature": c.IN_FEATURE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
-            "num_select": c.NUM_SELECT,
-            "size_divisibility": c.SIZE_DIVISIBILITY,
+            **yacs_arguments(cls.__init__, c),
         }
 
     @property

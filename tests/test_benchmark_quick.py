@@ -2,6 +2,7 @@
 two models disagree, and the timing runs really used the same weights (same outputs, same first loss)."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,3 +88,19 @@ def test_no_speed_is_reported_when_outputs_disagree(tmp_path, monkeypatch):
     rows = _rows(out)
     assert set(rows) == {"max_abs_diff"}
     assert rows["max_abs_diff"]["ours"] == pytest.approx(1e-3, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_amp_speed_quick_run_times_bf16_against_fp32(tmp_path):
+    """`benchmarks/amp_speed.py --quick`: one row per size, bf16 and fp32 steps timed, both first losses finite."""
+    out = tmp_path / "amp.jsonl"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "amp_speed.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bf16/fp32" in proc.stdout
+    rows = _rows(out)
+    assert set(rows) == {"synthetic_train_step_ms", "r50_train_step_ms"}
+    for row in rows.values():
+        assert row["ours"] > 0 and row["hf"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
+        assert all(math.isfinite(v) for v in row["first_loss"].values())

@@ -15,3 +15,17 @@ def test_meta_arch_is_registered():
     from detectron2.modeling import META_ARCH_REGISTRY
 
     assert "DABDETR" in META_ARCH_REGISTRY
+
+
+def test_importing_the_package_changes_nothing_in_detectron2_but_its_registry():
+    code = (
+        "from detectron2.data import DatasetCatalog\n"
+        "from detectron2.evaluation import coco_evaluation\n"
+        "before = (set(DatasetCatalog.list()), coco_evaluation.COCOeval_opt)\n"
+        "import dab_detr\n"
+        "after = (set(DatasetCatalog.list()), coco_evaluation.COCOeval_opt)\n"
+        "assert before == after, (after[0] - before[0], after[1])\n"
+        "dab_detr.register_synthetic_dataset()\n"
+        "assert {'dab_synthetic_train', 'dab_synthetic_val'} <= set(DatasetCatalog.list())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Our DAB-DETR equals HuggingFace's `DabDetrForObjectDetection` (which equals the official code, DESIGN.md §7)
+"""Our DAB-DETR equals HuggingFace's `DabDetrForObjectDetection` (which equals the official code, docs/design.md §4)
 when HF's weights are mapped into ours with `dab_detr.checkpoint.hf`: same padded batch, eval mode, 1e-4."""
 import os
 

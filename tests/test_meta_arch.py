@@ -168,7 +168,8 @@ def test_builds_from_yacs_with_the_channel_count_read_from_the_backbone():
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT = MEAN, STD, "RGB"
     c = cfg.MODEL.DAB_DETR
-    c.NUM_CLASSES, c.HIDDEN_DIM, c.NUM_QUERIES, c.ENC_LAYERS, c.DEC_LAYERS, c.DIM_FEEDFORWARD = 3, 32, 6, 1, 2, 64
+    c.NUM_CLASSES, c.HIDDEN_DIM, c.NUM_QUERIES, c.NUM_ENCODER_LAYERS, c.NUM_DECODER_LAYERS, c.DIM_FEEDFORWARD = (
+        3, 32, 6, 1, 2, 64)
     c.NUM_PATTERNS, c.ANCHOR_INIT, c.FREEZE_ANCHOR_XY = 2, "spread", True
     model = build_model(cfg)
     assert isinstance(model, DABDETR)
@@ -223,3 +224,25 @@ def test_resnet_stages_rejects_unsupported_options(bad, match):
 
     with pytest.raises(ValueError, match=match):
         resnet_stages(**bad)
+
+
+def test_yacs_r50_builds_the_lazyconfig_r50():
+    """configs/yacs/dab_detr_R_50.yaml and configs/models/dab_detr_r50.py: same parameters, same outputs."""
+    cfg = get_cfg()
+    add_dab_detr_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, "..", "yacs", "dab_detr_R_50.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    yacs_model = build_model(cfg).eval()
+    lazy_model = instantiate(LazyConfig.load(os.path.join(CONFIG_DIR, "dab_detr_r50.py")).model).eval()
+    assert sum(p.numel() for p in yacs_model.parameters()) == sum(p.numel() for p in lazy_model.parameters())
+    assert sum(p.numel() for p in yacs_model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in lazy_model.parameters() if p.requires_grad)  # the same stages frozen
+    lazy_model.load_state_dict(yacs_model.state_dict())  # strict: the same names and shapes
+    inputs = [{"image": _image(64, 96, 0)}, {"image": _image(80, 48, 1)}]
+    with torch.no_grad():
+        ours, theirs = yacs_model(inputs), lazy_model(inputs)
+    for a, b in zip(ours, theirs):
+        a, b = a["instances"], b["instances"]
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)

@@ -22,15 +22,12 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
 
-import dab_detr  # noqa: E402,F401  (registers DABDETR and the embedded dataset)
+import dab_detr  # noqa: E402,F401  (registers DABDETR; the synthetic config registers its datasets)
 from dab_detr.class_metadata import inference_classes  # noqa: E402
 from dab_detr.cli import parse_args_with_overrides  # noqa: E402
-from dab_detr.engine import (  # noqa: E402
-    DatasetError,
-    apply_overrides_checked,
-    load_lazy_config,
-    register_coco_datasets,
-)
+from dab_detr.config_checks import apply_overrides_checked, load_lazy_config  # noqa: E402
+from dab_detr.data.coco import register_coco_datasets  # noqa: E402
+from dab_detr.errors import DatasetError  # noqa: E402
 from dab_detr.visualization import Predictor, draw_files, expand_inputs  # noqa: E402
 
 

@@ -23,7 +23,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 import dab_detr  # noqa: E402,F401  (registers DABDETR)
 from dab_detr.class_metadata import inference_classes  # noqa: E402
 from dab_detr.cli import parse_args_with_overrides  # noqa: E402
-from dab_detr.engine import apply_overrides_checked, load_lazy_config, register_coco_datasets  # noqa: E402
+from dab_detr.config_checks import apply_overrides_checked, load_lazy_config  # noqa: E402
+from dab_detr.data.coco import register_coco_datasets  # noqa: E402
 from dab_detr.export import (  # noqa: E402
     DEFAULT_OPSET,
     FORMATS,

@@ -21,25 +21,21 @@ from detectron2.engine import default_argument_parser, default_setup, default_wr
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-import dab_detr  # noqa: F401  (registers DABDETR and the embedded dataset)
+import dab_detr  # noqa: F401  (registers DABDETR; the synthetic config registers its datasets)
 from dab_detr.class_metadata import DatasetMetadata, apply_checkpoint_classes
 from dab_detr.cli import parse_args_with_overrides
+from dab_detr.config_checks import apply_overrides_checked, check_train_config, load_lazy_config
+from dab_detr.data.coco import num_classes_of, register_coco_datasets, sync_num_classes
 from dab_detr.engine import (
     DetrCheckpointer,
     DetrTrainer,
     ParametersInSyncCheck,
-    apply_overrides_checked,
-    build_train_loader,
-    check_train_config,
     create_ddp_model,
     launch_cli,
-    load_lazy_config,
     log_to_file,
-    num_classes_of,
-    register_coco_datasets,
     set_cpu_threads,
-    sync_num_classes,
 )
+from dab_detr.evaluation import enable_faster_coco_eval
 
 logger = logging.getLogger("dab_detr")
 
@@ -107,7 +103,7 @@ def do_train(args, cfg):
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    train_loader = build_train_loader(cfg.dataloader.train, seed=cfg.train.get("seed"))
+    train_loader = instantiate(cfg.dataloader.train)
 
     model = create_ddp_model(model, **cfg.train.ddp)
     clip = cfg.train.get("clip_grad", {"enabled": False})
@@ -145,6 +141,7 @@ def do_train(args, cfg):
 
 
 def main(args):
+    enable_faster_coco_eval()  # detectron2's fast COCOeval when it has no compiled _C
     cfg = load_config(args)
     default_setup(cfg, args)
     log_to_file(cfg.train.output_dir)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _anchor_logits(args):
     if args.config_file:
-        from dab_detr.engine import load_lazy_config
+        from dab_detr.config_checks import load_lazy_config
 
         cfg = load_lazy_config(args.config_file)
         cfg.train.init_checkpoint = args.checkpoint

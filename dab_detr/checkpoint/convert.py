@@ -86,7 +86,7 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Tensor], class_ids:
 def _build_model(config_file: str, num_classes: Optional[int], backbone_only: bool) -> nn.Module:
     from detectron2.config import instantiate
 
-    from ..engine.config_checks import load_lazy_config
+    from ..config_checks import load_lazy_config
 
     cfg = load_lazy_config(config_file)
     if backbone_only:

@@ -1,6 +1,6 @@
 """Reading checkpoints (a file or a `save_pretrained` folder) with one clear error, and writing them atomically.
 
-Every reader error is a `CheckpointError` (or `MissingFileError`) from `dab_detr.engine.errors` whose message starts
+Every reader error is a `CheckpointError` (or `MissingFileError`) from `dab_detr.errors` whose message starts
 with the file name and says what is wrong, so a command-line tool can print it as one line.
 """
 import argparse
@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..engine.checkpointer import _atomic_torch_save  # one atomic writer for the whole package
-from ..engine.errors import CheckpointError, MissingFileError
+from ..atomic_io import atomic_torch_save
+from ..errors import CheckpointError, MissingFileError
 
 __all__ = [
     "CheckpointError",
@@ -153,4 +153,4 @@ def save_converted(state_dict: Mapping[str, Tensor], output: str, *, source_path
         raise CheckpointError(f"{output}: is the input checkpoint; write the converted weights to another file")
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    _atomic_torch_save({"model": dict(state_dict), "conversion": dict(metadata or {})}, output)
+    atomic_torch_save({"model": dict(state_dict), "conversion": dict(metadata or {})}, output)

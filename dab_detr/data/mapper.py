@@ -14,7 +14,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
-from PIL import Image
+from PIL import Image, ImageOps
 
 __all__ = [
     "DETR_MIN_SIZES",
@@ -40,6 +40,14 @@ class ImageReadError(OSError):
     """An image file that exists but cannot be decoded (truncated, corrupt, not an image)."""
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says (what detectron2's `read_image` does)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored, as detectron2 does
+        return image
+
+
 def read_image(file_name: str, format: Optional[str] = "RGB") -> np.ndarray:
     """detectron2's `read_image` (EXIF orientation applied; grayscale, palette, RGBA, CMYK converted to
     `format`), except that 16-bit single-channel images are scaled to 0-255 instead of clipped.
@@ -49,7 +57,7 @@ def read_image(file_name: str, format: Optional[str] = "RGB") -> np.ndarray:
     try:
         with PathManager.open(file_name, "rb") as f:
             image = Image.open(f)
-            image = utils._apply_exif_orientation(image)
+            image = _upright(image)
             if image.mode in _WIDE_INT_MODES:
                 # 65535 -> 255; values above 16 bits (mode "I" holds int32) saturate
                 pixels = np.asarray(image, dtype=np.float64) / 257.0

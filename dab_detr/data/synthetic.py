@@ -12,6 +12,7 @@ visible pixels. The files are generated on first use into
 
 import colorsys
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -399,7 +400,8 @@ def register_synthetic_dataset(
     with different ones it replaces the registration.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets.coco import load_coco_json
+
+    from .coco import register_coco_dataset
 
     params = SyntheticParams(**params)
     folder = synthetic_dataset_dir(params, root)
@@ -411,19 +413,8 @@ def register_synthetic_dataset(
             if MetadataCatalog.get(name).get("json_file") == json_file:
                 continue
             logger.warning(f"Re-registering dataset {name!r} with new parameters ({json_file})")
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-
-        def load(json_file=json_file, image_root=image_root, name=name):
-            generate_synthetic_dataset(params, root)
-            return load_coco_json(json_file, image_root, name)
-
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="coco",
-            thing_classes=params.thing_classes,
-            thing_dataset_id_to_contiguous_id={k + 1: k for k in range(params.num_classes)},
+        register_coco_dataset(
+            name, json_file, image_root, range(1, params.num_classes + 1), params.thing_classes,
+            prepare=functools.partial(generate_synthetic_dataset, params, root),
         )
     return names

@@ -1,84 +1,23 @@
 """detectron2's checkpointer with crash-safe writes and loud shape checks."""
-import glob
 import os
-import re
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
-from .errors import CheckpointError, MissingFileError
+from ..atomic_io import atomic_write, remove_stale_temporary_files
+from ..errors import CheckpointError, MissingFileError
+from .compat import HookedCheckpointer
 
-_TMP_SUFFIX = re.compile(r"\.tmp\.(\d+)$")
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in `path` durable (a power cut could otherwise undo it); best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _is_local(path: str) -> bool:
+    return "://" not in path
 
 
-def _atomic_write(path: str, write, mode: str = "wb") -> None:
-    """`write(file)` into `path.tmp.<pid>`, flush it to disk, then rename it over `path` (atomic on POSIX): a
-    process killed at any point leaves either the old or the new `path`, never a partial one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _atomic_write_text(text: str, path: str) -> None:
-    _atomic_write(path, lambda f: f.write(text), mode="w")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_temporary_files(save_dir: str) -> list:
-    """Delete `*.tmp.<pid>` files left in `save_dir` by processes killed while saving; returns their paths."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(save_dir), "*.tmp.*")):
-        m = _TMP_SUFFIX.search(path)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            try:
-                os.remove(path)
-                removed.append(path)
-            except OSError:
-                pass
-    return removed
-
-
-class DetrCheckpointer(DetectionCheckpointer):
+class DetrCheckpointer(HookedCheckpointer):
     """`DetectionCheckpointer` that
 
-    - saves atomically (temporary file + rename, for the checkpoint and for `last_checkpoint`), so a process killed
-      mid-save leaves the previous checkpoint and `last_checkpoint` valid;
+    - writes through detectron2's `PathManager` (a remote `save_dir` works), and for a local `save_dir` atomically
+      (temporary file + rename, for the checkpoint and for `last_checkpoint`), so a process killed mid-save leaves
+      the previous checkpoint and `last_checkpoint` valid;
     - refuses to load a checkpoint whose tensors have different shapes from the model's (detectron2 only warns and
       silently keeps random weights). A different class count is named as such, and `reinit_classifier=True` drops
       the classifier from the checkpoint instead (fine-tuning on a dataset with other classes);
@@ -101,16 +40,23 @@ class DetrCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         data.update(kwargs)
         save_file = os.path.join(self.save_dir, f"{name}.pth")
-        if not self._cleaned:
+        if not self._cleaned and _is_local(self.save_dir):
             for path in remove_stale_temporary_files(self.save_dir):
                 self.logger.info(f"Removed {path}, left by a process killed while saving")
             self._cleaned = True
         self.logger.info("Saving checkpoint to {}".format(save_file))
-        _atomic_torch_save(data, save_file)
+        self._write(save_file, lambda f: torch.save(data, f), "wb")
         self.tag_last_checkpoint(os.path.basename(save_file))
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+        self._write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
+
+    def _write(self, path: str, write: Callable, mode: str) -> None:
+        if _is_local(path):
+            atomic_write(path, write, mode)
+        else:  # remote storage: its handler decides how a file appears
+            with self.path_manager.open(path, mode) as f:
+                write(f)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def load(self, path: str, *args, **kwargs):
@@ -121,14 +67,14 @@ class DetrCheckpointer(DetectionCheckpointer):
         self._loading = path
         return super().load(path, *args, **kwargs)
 
-    def _load_file(self, filename: str) -> Dict[str, Any]:
+    def read_checkpoint(self, filename: str) -> Dict[str, Any]:
         try:
-            return super()._load_file(filename)
+            return super().read_checkpoint(filename)
         except Exception as e:  # unpickling / zip errors come in many types; all mean the same to a user
             first_line = str(e).splitlines()[0] if str(e) else ""
             raise CheckpointError(f"{filename}: not a readable checkpoint ({type(e).__name__}: {first_line})") from e
 
-    def _load_model(self, checkpoint: Dict[str, Any]):
+    def load_model_state(self, checkpoint: Dict[str, Any]):
         state = checkpoint.get("model")
         if not isinstance(state, dict):
             raise CheckpointError(f"{self._loading}: no 'model' state dict in this checkpoint")
@@ -154,4 +100,4 @@ class DetrCheckpointer(DetectionCheckpointer):
             raise CheckpointError(
                 f"{self._loading}: tensor shapes differ from the model (another architecture?): {details}"
             )
-        return super()._load_model(checkpoint)
+        return super().load_model_state(checkpoint)

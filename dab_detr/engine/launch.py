@@ -16,7 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.mapper import ImageReadError
-from .errors import DabDetrError, one_line
+from ..errors import DabDetrError, one_line
 
 __all__ = ["create_ddp_model", "set_cpu_threads", "launch_cli", "log_to_file"]
 

@@ -1,16 +1,18 @@
 """A training data loader whose batches are a function of (seed, iteration): `--resume` continues the exact stream.
 
-detectron2's `build_detection_train_loader` restarts its `TrainingSampler` stream on resume (the first batches
-after a resume repeat the first batches of the run), its aspect-ratio grouping keeps a buffer that is lost, and its
-augmentations draw from per-worker RNGs seeded once per process. Here:
+It is detectron2's `build_detection_train_loader` with two pieces of ours, for what detectron2 cannot do:
 
-- the index stream is `TrainingSampler`'s (same seed, same permutations), cut into *global* batches of
-  `total_batch_size`; batch i is the same whatever the number of processes or data-loading workers, and rank r
-  takes its slice of it. Resuming at iteration i replays only indices (cheap), never images;
-- aspect-ratio grouping (by the dataset's `width`/`height`) is done on indices, so it replays too;
-- the RNGs the mapper uses (numpy, python, torch) are seeded from (seed, position in the stream) before each
-  image, so augmentations do not depend on workers or on where the run was resumed;
-- a mapper returning None (an unreadable image) is replaced by an image drawn from the same seeded RNG.
+- `ResumableTrainingSampler`, a `torch.utils.data.Sampler` of this process's share of the *global* batches from
+  a start iteration on. The index stream is `TrainingSampler`'s (same seed, same permutations), cut into global
+  batches of `total_batch_size`, rank r taking slice r; aspect-ratio grouping (by the dataset's `width`/`height`)
+  is done on these indices. detectron2's `TrainingSampler` restarts on resume and its `AspectRatioGroupedDataset`
+  groups mapped images in buffers that a resume loses; indices replay cheaply, images never need to.
+- `SeededMapper`, the mapper wrapper: before each image, python's, numpy's and torch's (CPU) RNGs are seeded from
+  (seed, position in the stream), so augmentations depend neither on the data-loading workers nor on where the run
+  was resumed; a mapper returning None (an unreadable image) gets a replacement drawn from the same seeded RNG.
+
+detectron2 does the rest: its `MapDataset`, the per-worker sharding of the sampler in chunks of one batch (so
+batch i comes from worker i % N, in order), batching and the DataLoader seeded by `seed`.
 """
 import contextlib
 import itertools
@@ -23,15 +25,15 @@ import torch
 import torch.utils.data as torchdata
 from detectron2.data import DatasetFromList, build_detection_train_loader
 from detectron2.utils import comm
-from detectron2.utils.registry import _convert_target_to_string
 
-from .errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError
 
 __all__ = [
     "TrainBatchSchedule",
+    "ResumableTrainingSampler",
+    "SeededMapper",
     "ResumableTrainLoader",
     "build_resumable_train_loader",
-    "build_train_loader",
     "derived_seed",
 ]
 
@@ -47,7 +49,8 @@ def derived_seed(*numbers: int) -> int:
 
 
 def _index_stream(size: int, seed: int, shuffle: bool) -> Iterator[int]:
-    """detectron2 `TrainingSampler`'s infinite stream: one permutation of range(size) per epoch."""
+    """detectron2 `TrainingSampler`'s infinite stream before its split among ranks: one permutation of range(size)
+    per epoch (a test pins it to `TrainingSampler`'s)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     while True:
@@ -107,6 +110,38 @@ class TrainBatchSchedule:
                 count += 1
 
 
+class ResumableTrainingSampler(torchdata.Sampler):
+    """This process's items of global batches `start`, `start + 1`, ... of `schedule`, rank r taking slice r.
+
+    Each item is one int, `position * size + index` (detectron2's `MapDataset` takes int keys): see
+    `PositionedDataset`, which splits it again.
+    """
+
+    def __init__(self, schedule: TrainBatchSchedule, rank: int, batch_size: int, start: int = 0):
+        self.schedule = schedule
+        self.lo, self.hi = rank * batch_size, (rank + 1) * batch_size
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.schedule.batches(self.start):
+            for pos, index in batch[self.lo:self.hi]:
+                yield pos * self.schedule.size + index
+
+
+class PositionedDataset(torchdata.Dataset):
+    """`dataset[key % size]` with its stream position `key // size`, as the pair `(position, item)`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        pos, index = divmod(int(key), len(self.dataset))
+        return pos, self.dataset[index]
+
+
 @contextlib.contextmanager
 def _seeded_rngs(seed: int, restore: bool):
     """Seed python's, numpy's and torch's (CPU) global RNGs; restore their states afterwards if `restore`.
@@ -127,53 +162,45 @@ def _seeded_rngs(seed: int, restore: bool):
             torch.set_rng_state(saved[2])
 
 
-def _identity(x):
-    return x
+class SeededMapper:
+    """Map `(position, dataset dict)` with `mapper` under RNGs seeded from (seed, position); see the module doc.
 
+    In the training process (no DataLoader worker) the RNGs' previous states are restored afterwards.
+    """
 
-class _BatchStream(torchdata.IterableDataset):
-    """This process's batches from global batch `start` on, split among the DataLoader's workers."""
-
-    def __init__(self, dataset, mapper, schedule, batch_size, rank, seed, start, collate_fn):
-        self.dataset = dataset
+    def __init__(self, mapper: Callable, dataset, seed: int):
         self.mapper = mapper
-        self.schedule = schedule
-        self.batch_size = batch_size
-        self.rank = rank
+        self.dataset = dataset
         self.seed = seed
-        self.start = start
-        self.collate_fn = collate_fn
 
-    def __iter__(self):
-        worker = torchdata.get_worker_info()
-        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for i, batch in enumerate(self.schedule.batches(self.start)):
-            # the DataLoader takes batches from its workers round-robin, so batch i comes from worker i % N
-            if i % num_workers != worker_id:
-                continue
-            items = [self._map(pos, index, restore=worker is None) for pos, index in batch[lo:hi]]
-            yield items if self.collate_fn is None else self.collate_fn(items)
-
-    def _map(self, pos: int, index: int, restore: bool):
+    def __call__(self, positioned):
+        pos, item = positioned
+        restore = torchdata.get_worker_info() is None
         for attempt in range(MAX_REPLACEMENTS + 1):
             seed = derived_seed(self.seed, pos, attempt)
             with _seeded_rngs(seed, restore):
-                out = self.mapper(self.dataset[index])
+                out = self.mapper(item)
             if out is not None:
                 return out
-            index = random.Random(seed).randrange(len(self.dataset))
+            item = self.dataset[random.Random(seed).randrange(len(self.dataset))]
         raise DatasetError(
             f"the data mapper skipped {MAX_REPLACEMENTS + 1} images in a row (see the warnings above for the "
             "files); is the image folder right?"
         )
 
 
+def _identity(x):
+    return x
+
+
 class ResumableTrainLoader:
     """An iterable of this process's training batches (lists of mapped dicts, or `collate_fn` of them).
 
-    `set_start_iter(i)` before iterating makes the first batch global batch i (`DetrTrainer.train` calls it), so
-    a run resumed at iteration i sees the batches, and the augmentations, that an uninterrupted run would.
+    Takes `build_detection_train_loader`'s arguments (less `sampler`) plus `seed` (the configs set
+    `${...train.seed}`; None or < 0 draws a random one, and resume then cannot reproduce the data order) and
+    `shuffle`. `set_start_iter(i)` before iterating makes the first batch global batch i (`DetrTrainer.train` calls
+    it), so a run resumed at iteration i sees the batches, and the augmentations, that an uninterrupted run would.
+    Each `iter()` builds detectron2's loader on a `ResumableTrainingSampler` starting there.
     """
 
     def __init__(
@@ -182,7 +209,7 @@ class ResumableTrainLoader:
         mapper: Optional[Callable],
         total_batch_size: int,
         *,
-        seed: int,
+        seed: Optional[int],
         shuffle: bool = True,
         aspect_ratio_grouping: bool = True,
         num_workers: int = 0,
@@ -195,11 +222,14 @@ class ResumableTrainLoader:
             )
         if len(dataset) == 0:
             raise DatasetError("the training set is empty (after filtering images without usable annotations)")
+        if seed is None or seed < 0:
+            seed = comm.shared_random_seed() % 2**31
+            logger.warning(f"No data seed was given: using {seed}; --resume cannot reproduce the data order")
         if isinstance(dataset, list):
             dataset = DatasetFromList(dataset, copy=False)
         group_ids = _aspect_groups(dataset) if aspect_ratio_grouping else None
         self.dataset = dataset
-        self.mapper = _identity if mapper is None else mapper
+        self.mapper = SeededMapper(_identity if mapper is None else mapper, dataset, seed)
         self.schedule = TrainBatchSchedule(len(dataset), total_batch_size, seed, shuffle, group_ids)
         self.batch_size = total_batch_size // world_size
         self.seed = seed
@@ -213,20 +243,25 @@ class ResumableTrainLoader:
     def __iter__(self):
         if self.start_iter:
             logger.info(f"Training data resumes at global batch {self.start_iter} (seed {self.seed})")
-        stream = _BatchStream(
-            self.dataset, self.mapper, self.schedule, self.batch_size, self.rank, self.seed, self.start_iter,
-            self.collate_fn,
-        )
-        loader = torchdata.DataLoader(
-            stream,
-            batch_size=None,
+        sampler = ResumableTrainingSampler(self.schedule, self.rank, self.batch_size, self.start_iter)
+        loader = build_detection_train_loader(
+            PositionedDataset(self.dataset),
+            mapper=self.mapper,
+            sampler=sampler,
+            total_batch_size=None,
+            single_gpu_batch_size=self.batch_size,
+            aspect_ratio_grouping=False,  # done on indices by the sampler
             num_workers=self.num_workers,
-            collate_fn=_identity,
-            # the workers' own seeds do not matter (each image is seeded); a generator keeps the DataLoader from
-            # drawing its base seed from the global RNG of the training process
-            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=self.collate_fn,
+            # the workers' own seeds do not matter (each image is seeded); this keeps the DataLoader from drawing
+            # its base seed from the global RNG of the training process
+            seed=self.seed,
         )
         return iter(loader)
+
+
+# The name the configs use, next to detectron2's `build_detection_train_loader`.
+build_resumable_train_loader = ResumableTrainLoader
 
 
 def _aspect_groups(dataset) -> Optional[List[int]]:
@@ -238,61 +273,3 @@ def _aspect_groups(dataset) -> Optional[List[int]]:
             return None
         groups.append(0 if d["width"] > d["height"] else 1)
     return groups
-
-
-def build_resumable_train_loader(
-    dataset,
-    *,
-    mapper,
-    sampler=None,
-    total_batch_size: int,
-    aspect_ratio_grouping: bool = True,
-    num_workers: int = 0,
-    collate_fn=None,
-    seed: Optional[int] = None,
-    shuffle: bool = True,
-):
-    """Drop-in for detectron2's `build_detection_train_loader` (same arguments, plus `seed` and `shuffle`).
-
-    Returns a :class:`ResumableTrainLoader`; with a custom `sampler` or an iterable dataset it falls back to
-    detectron2's loader (a resumed run then restarts that stream, as in detectron2).
-    """
-    if sampler is not None or isinstance(dataset, torchdata.IterableDataset):
-        logger.warning(
-            "A custom sampler or an iterable dataset: using detectron2's train loader; after --resume its data "
-            "stream restarts from the beginning"
-        )
-        return build_detection_train_loader(
-            dataset, mapper=mapper, sampler=sampler, total_batch_size=total_batch_size,
-            aspect_ratio_grouping=aspect_ratio_grouping, num_workers=num_workers, collate_fn=collate_fn,
-        )
-    if seed is None or seed < 0:
-        seed = comm.shared_random_seed() % 2**31
-        logger.warning(f"No data seed was given: using {seed}; --resume cannot reproduce the data order")
-    return ResumableTrainLoader(
-        dataset, mapper, total_batch_size, seed=seed, shuffle=shuffle,
-        aspect_ratio_grouping=aspect_ratio_grouping, num_workers=num_workers, collate_fn=collate_fn,
-    )
-
-
-_D2_TRAIN_LOADERS = ("detectron2.data.build.build_detection_train_loader",
-                     "detectron2.data.build_detection_train_loader")
-
-
-def build_train_loader(loader_cfg, seed: Optional[int]):
-    """Instantiate `cfg.dataloader.train`; detectron2's `build_detection_train_loader` is replaced by
-    :func:`build_resumable_train_loader` with the same arguments and the given seed (normally `train.seed`)."""
-    from detectron2.config import instantiate
-    from omegaconf import OmegaConf
-
-    target = loader_cfg.get("_target_")
-    name = target if isinstance(target, str) else _convert_target_to_string(target)
-    ours = target is build_resumable_train_loader or name.endswith(".build_resumable_train_loader")
-    if name in _D2_TRAIN_LOADERS or ours:
-        loader_cfg = OmegaConf.create(loader_cfg, flags={"allow_objects": True})  # a copy: cfg stays as written
-        loader_cfg._target_ = build_resumable_train_loader
-        if loader_cfg.get("seed") is None:
-            loader_cfg.seed = seed
-    else:
-        logger.warning(f"Train loader {name} is not detectron2's: after --resume its data stream may restart")
-    return instantiate(loader_cfg)

@@ -12,7 +12,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .errors import NonFiniteLossError
+from ..errors import NonFiniteLossError
 from .train_loader import derived_seed
 
 logger = logging.getLogger(__name__)

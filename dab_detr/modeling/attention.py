@@ -1,8 +1,11 @@
 """Batch-first multi-head attention on `F.scaled_dot_product_attention`.
 
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md).
+
 DAB-DETR's conditional cross-attention concatenates content and position per head, so its query/key heads are
 twice as wide as its value heads: `multi_head_attention` allows a q/k head dim different from the v head dim.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -28,13 +31,21 @@ def multi_head_attention(
     k = k.unflatten(-1, (num_heads, -1)).transpose(1, 2)
     v = v.unflatten(-1, (num_heads, -1)).transpose(1, 2)
     head_dim_v = v.shape[-1]
+    dtype = q.dtype
+    # Under CPU autocast: torch's CPU SDPA in bf16 is 2-5x slower than in fp32 at these head dims (its backward
+    # above all: a bf16 training step of the synthetic model spent more time in it than the fp32 step in total),
+    # so it runs in fp32 (autocast off, or it would cast back) and keeps the softmax exact.
+    fp32_on_cpu = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if fp32_on_cpu:
+        q, k, v = q.float(), k.float(), v.float()
     if head_dim_v < q.shape[-1]:
         # SDPA's fused kernels need equal head dims; its unfused fallback is ~2x slower on CPU than the fused
         # kernel with v zero-padded to the q/k head dim (the padded output columns are dropped, the scale is
         # set by q anyway).
         v = F.pad(v, (0, q.shape[-1] - head_dim_v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)[..., :head_dim_v]
-    return out.transpose(1, 2).reshape(batch, len_q, -1)
+    with torch.autocast("cpu", enabled=False) if fp32_on_cpu else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)[..., :head_dim_v]
+    return out.transpose(1, 2).reshape(batch, len_q, -1).to(dtype)
 
 
 def _check_heads(name: str, dim: int, num_heads: int) -> None:

@@ -1,4 +1,6 @@
-"""DAB-DETR training loss: sigmoid focal classification + L1 + GIoU on Hungarian-matched pairs."""
+"""DAB-DETR training loss: sigmoid focal classification + L1 + GIoU on Hungarian-matched pairs.
+
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md)."""
 
 from typing import Dict, List, Sequence, Union
 

@@ -1,4 +1,6 @@
-"""The DAB-DETR detector minus the backbone: input projection, position embedding, transformer, anchors, heads."""
+"""The DAB-DETR detector minus the backbone: input projection, position embedding, transformer, anchors, heads.
+
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md)."""
 import math
 from typing import Dict, List, Optional
 

@@ -1,4 +1,6 @@
-"""Hungarian matching between DAB-DETR predictions and ground-truth boxes (DETR, Carion et al. 2020)."""
+"""Hungarian matching between DAB-DETR predictions and ground-truth boxes (DETR, Carion et al. 2020).
+
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md)."""
 
 from typing import Dict, List, Sequence, Tuple, Union
 
@@ -58,7 +60,8 @@ class HungarianMatcher(nn.Module):
         cost_class = pos - neg
         cost_bbox = torch.cdist(pred_boxes, tgt_boxes, p=1)
         # Unchecked GIoU: sigmoid cxcywh predictions and checked targets cannot be inverted; NaN shows in the cost.
-        cost_giou = -generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        pred_xyxy, tgt_xyxy = box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+        cost_giou = -generalized_box_iou(pred_xyxy, tgt_xyxy)
         return self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
 
     @torch.no_grad()
@@ -111,7 +114,9 @@ class HungarianMatcher(nn.Module):
                     indices.append(_empty_match())
                     continue
                 query_idx, target_idx = linear_sum_assignment(cost_i[i].numpy())
-                indices.append((torch.from_numpy(query_idx).to(torch.int64), torch.from_numpy(target_idx).to(torch.int64)))
+                indices.append(
+                    (torch.from_numpy(query_idx).to(torch.int64), torch.from_numpy(target_idx).to(torch.int64))
+                )
             all_indices.append(indices)
         return all_indices
 

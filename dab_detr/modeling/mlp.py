@@ -1,4 +1,6 @@
-"""The small MLP used for DAB-DETR's box head, `query_scale`, `ref_point_head` and `ref_anchor_head`."""
+"""The small MLP used for DAB-DETR's box head, `query_scale`, `ref_point_head` and `ref_anchor_head`.
+
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md)."""
 import torch.nn.functional as F
 from torch import Tensor, nn
 

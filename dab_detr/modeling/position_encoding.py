@@ -1,5 +1,7 @@
 """Sine position encodings: the 2-D image encoding of the encoder and the anchor-box encoding of the decoder.
 
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md).
+
 Both use one routine, `sine_embed`: each coordinate `c` becomes `num_pos_feats` features
 `[sin(c / t_0), cos(c / t_0), sin(c / t_1), cos(c / t_1), ...]` with `t_i = T ** (2 * i / num_pos_feats)`
 (sin on even, cos on odd indices, interleaved, as the official code does).

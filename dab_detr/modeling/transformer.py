@@ -1,5 +1,7 @@
 """DAB-DETR transformer: encoder with scaled positional embeddings, and a decoder whose queries are anchor boxes.
 
+Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md).
+
 Layout is batch-first throughout: tokens are `(B, L, d)`. Names follow the paper and the official code
 (`anchor`, `reference`, `query_pos`, `query_sine_embed`, `sa_*` / `ca_*` projections).
 """

@@ -8,7 +8,7 @@ import torch
 
 from dab_detr.checkpoint.classes import parse_class_ids, resolve_class_ids
 from dab_detr.checkpoint.io import CheckpointError, read_state_dict, save_converted
-from dab_detr.engine.errors import DabDetrError
+from dab_detr.errors import DabDetrError
 
 
 def _write(path, data: bytes):

@@ -283,3 +283,19 @@ def test_lazy_config_instantiation(two_box_dict):
     )
     out = instantiate(cfg)(two_box_dict)
     assert out["image"].shape == (3, 30, 40) and len(out["instances"]) == 2
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_is_applied_as_detectron2_does(tmp_path, orientation):
+    from detectron2.data.detection_utils import read_image as d2_read_image
+
+    from dab_detr.data.mapper import read_image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = str(tmp_path / "rotated.png")
+    Image.fromarray(pixels).save(path, exif=exif)
+    ours = read_image(path, "RGB")
+    assert ours.shape == ((20, 12, 3) if orientation in (6, 8) else (12, 20, 3))
+    np.testing.assert_array_equal(ours, d2_read_image(path, "RGB"))

@@ -137,7 +137,8 @@ def test_torchvision_focal_loss_equals_the_previous_code(alpha, gamma):
     inputs = torch.randn(2, 5, 6, generator=g)
     targets = (torch.rand(2, 5, 6, generator=g) > 0.8).float()
     torch.testing.assert_close(
-        sigmoid_focal_loss(inputs, targets, 4.0, alpha, gamma), _old_sigmoid_focal_loss(inputs, targets, 4.0, alpha, gamma)
+        sigmoid_focal_loss(inputs, targets, 4.0, alpha, gamma),
+        _old_sigmoid_focal_loss(inputs, targets, 4.0, alpha, gamma),
     )
 
 

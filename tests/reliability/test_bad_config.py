@@ -4,8 +4,8 @@ import os
 import pytest
 from detectron2.config import LazyConfig
 
-from dab_detr.engine.config_checks import apply_overrides_checked
-from dab_detr.engine.errors import ConfigError
+from dab_detr.config_checks import apply_overrides_checked
+from dab_detr.errors import ConfigError
 from reliability_helpers import (
     CONFIG,
     assert_one_line_error,

@@ -10,14 +10,16 @@ import os
 
 import numpy as np
 import pytest
+from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.coco import load_coco_json
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image
 
 from dab_detr.data.mapper import DetrDatasetMapper, ImageReadError, read_image
-from dab_detr.engine.coco_json import load_coco_detection_json
-from dab_detr.engine.errors import DatasetError
+from dab_detr.data.coco import register_coco_datasets
+from dab_detr.data.validate import validate_coco_json
+from dab_detr.errors import DatasetError
 from reliability_helpers import (
     assert_one_line_error,
     dataset_args,
@@ -63,12 +65,28 @@ def _save_gray16(path, pixels):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The loader (dab_detr.engine.coco_json), in process
+# Registration (dab_detr.data.coco) and the checks (dab_detr.data.validate), in process
+
+
+def _as_trained(json_file, image_root, name):
+    """The annotations training sees: validated and registered as train_net does, loaded by detectron2, mapped
+    by DetrDatasetMapper without augmentation (which clips and drops boxes), back in the json's XYWH form."""
+    register_coco_datasets([(name, json_file, image_root)])
+    mapper = DetrDatasetMapper(augmentation=[], is_train=True)
+    records = []
+    for d in DatasetCatalog.get(name):
+        inst = mapper(d)["instances"]
+        boxes = BoxMode.convert(inst.gt_boxes.tensor, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
+        records.append({"annotations": [
+            {"bbox": b, "bbox_mode": BoxMode.XYWH_ABS, "category_id": int(c)} for b, c in zip(boxes, inst.gt_classes)
+        ]})
+    return records
 
 
 def test_clean_json_loads_like_detectron2_load_coco_json(tmp_path):
     ds = write_coco(str(tmp_path), default_images(5))
-    ours = load_coco_detection_json(ds["json"], ds["images"], "rel_clean_ours")
+    register_coco_datasets([("rel_clean_ours", ds["json"], ds["images"])])
+    ours = DatasetCatalog.get("rel_clean_ours")
     theirs = load_coco_json(ds["json"], ds["images"], "rel_clean_theirs")
     assert len(ours) == len(theirs) == 5
     for a, b in zip(ours, theirs):
@@ -94,7 +112,7 @@ def test_unusable_boxes_are_dropped_and_outside_boxes_clipped_with_counts(tmp_pa
     _edit_json(ds["json"], lambda d: d["annotations"].append(
         {"id": 99, "image_id": 1, "category_id": 1, "bbox": [1.0, float("nan"), 5.0, 5.0], "iscrowd": 0}))
     with dab_caplog.at_level(logging.WARNING, logger="dab_detr"):
-        (record,) = load_coco_detection_json(ds["json"], ds["images"])
+        (record,) = _as_trained(ds["json"], ds["images"], "rel_unusable_boxes")
     assert [o["bbox"] for o in record["annotations"]] == [[10.0, 10.0, 20.0, 10.0], [0.0, 40.0, 20.0, 8.0]]
     assert [o["category_id"] for o in record["annotations"]] == [0, 2]
     assert all(o["bbox_mode"] == BoxMode.XYWH_ABS for o in record["annotations"])
@@ -108,7 +126,7 @@ def test_category_id_absent_from_categories_names_the_json_and_the_annotation(tm
     ds = write_coco(str(tmp_path), default_images(3))
     _edit_json(ds["json"], lambda d: d["annotations"][2].update(category_id=7))
     with pytest.raises(DatasetError) as e:
-        load_coco_detection_json(ds["json"], ds["images"])
+        validate_coco_json(ds["json"], ds["images"])
     message = str(e.value)
     assert ds["json"] in message and "annotation id=3" in message and "category_id=7" in message
     assert "[1, 2, 3]" in message  # the ids that exist
@@ -130,7 +148,7 @@ def test_malformed_fields_name_the_json_and_the_entry(tmp_path, edit, fragments)
     ds = write_coco(str(tmp_path), default_images(3))
     _edit_json(ds["json"], edit)
     with pytest.raises(DatasetError) as e:
-        load_coco_detection_json(ds["json"], ds["images"])
+        validate_coco_json(ds["json"], ds["images"])
     for fragment in [ds["json"], *fragments]:
         assert fragment in str(e.value)
 
@@ -142,7 +160,7 @@ def test_invalid_json_syntax_names_the_file_and_position(tmp_path):
     with open(ds["json"], "w") as f:
         f.write(text[: len(text) // 2])  # a half-written file
     with pytest.raises(DatasetError, match=r"not valid JSON .* at line 1, column \d+") as e:
-        load_coco_detection_json(ds["json"], ds["images"])
+        validate_coco_json(ds["json"], ds["images"])
     assert ds["json"] in str(e.value)
 
 
@@ -151,7 +169,7 @@ def test_missing_image_files_are_an_error_when_loading_not_hours_later(tmp_path)
     specs[2]["write"] = False
     ds = write_coco(str(tmp_path), specs)
     with pytest.raises(DatasetError) as e:
-        load_coco_detection_json(ds["json"], ds["images"])
+        validate_coco_json(ds["json"], ds["images"])
     assert "1 of 4 image files are missing" in str(e.value)
     assert "image id=3" in str(e.value) and os.path.join(ds["images"], "0002.png") in str(e.value)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dab_detr.engine.checkpointer import DetrCheckpointer
-from dab_detr.engine.errors import CheckpointError
+from dab_detr.errors import CheckpointError
 
 # Saves model_0000001, changes the weights, then dies (SIGKILL, nothing flushed or cleaned up) while saving
 # model_0000002: halfway through writing the file ("data"), or after the file is in place but while

@@ -8,7 +8,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from PIL import Image
 
-from dab_detr.engine.config_checks import apply_overrides_checked
+from dab_detr.config_checks import apply_overrides_checked
 from reliability_helpers import CONFIG, REPO, TINY_MODEL, box_image, isolated_loggers
 
 DEMO = os.path.join(REPO, "tools", "demo.py")

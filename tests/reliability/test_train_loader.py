@@ -11,7 +11,7 @@ from torch import nn
 
 from dab_detr.engine import train_loader as tl
 from dab_detr.engine.checkpointer import DetrCheckpointer
-from dab_detr.engine.errors import DatasetError, NonFiniteLossError, one_line
+from dab_detr.errors import DatasetError, NonFiniteLossError, one_line
 from dab_detr.engine.train_loader import ResumableTrainLoader, TrainBatchSchedule, build_resumable_train_loader
 from dab_detr.engine.trainer import DetrTrainer
 

@@ -7,7 +7,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 
 import dab_detr  # noqa: F401
-from dab_detr.engine import register_coco_datasets, sync_num_classes
+from dab_detr.data.coco import register_coco_datasets, sync_num_classes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))

@@ -1,22 +1,55 @@
-"""Datasets named on the command line, and the class count taken from them in one place."""
+"""COCO-format datasets: registration on detectron2's `register_coco_instances` / `load_coco_json`, and the class
+count taken from the datasets in one place."""
 import functools
 import logging
 import os
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json, register_coco_instances
 
-from .coco_json import coco_category_names, load_coco_detection_json
-from .errors import ConfigError, DatasetError, MissingFileError
+from ..errors import ConfigError, DatasetError, MissingFileError
+from .validate import coco_category_names, validate_coco_json
+
+__all__ = ["register_coco_dataset", "register_coco_datasets", "num_classes_of", "sync_num_classes"]
 
 logger = logging.getLogger(__name__)
 
 
-def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
-    """Register `(name, json_file, image_root)` triples as COCO-format datasets (`--register-coco`).
+def register_coco_dataset(
+    name: str, json_file: str, image_root: str, category_ids: Sequence[int], thing_classes: Sequence[str],
+    prepare: Optional[Callable[[], object]] = None,
+) -> None:
+    """detectron2's `register_coco_instances` with the class metadata set now (the class count is known before
+    the json is loaded), replacing an earlier registration of `name`.
 
-    The class names are read from the json now, so the class count is known before the model is built; the
-    annotations are loaded (and checked, see `coco_json.load_coco_detection_json`) when the dataset is first used.
+    Args:
+        category_ids, thing_classes: the json's category ids in increasing order, and their names.
+        prepare: called before the json is first read (the embedded dataset generates its files there).
+    """
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    metadata = {
+        "thing_classes": list(thing_classes),
+        "thing_dataset_id_to_contiguous_id": {cid: i for i, cid in enumerate(category_ids)},
+    }
+    register_coco_instances(name, metadata, json_file, image_root)
+    if prepare is not None:
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, functools.partial(_load_prepared, prepare, json_file, image_root, name))
+
+
+def _load_prepared(prepare: Callable[[], object], json_file: str, image_root: str, name: str) -> List[dict]:
+    prepare()
+    return load_coco_json(json_file, image_root, name)
+
+
+def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
+    """Check and register `(name, json_file, image_root)` triples (`tools/train_net.py --register-coco`).
+
+    Each json is validated now (`validate_coco_json`: one-line errors, counts of the boxes training will clip or
+    drop), before any model or data loader is built; detectron2's `load_coco_json` reads it when first used.
     """
     names = []
     for name, json_file, image_root in specs:
@@ -24,17 +57,9 @@ def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
             raise MissingFileError(f"--register-coco {name}: annotation file not found: {json_file}")
         if not os.path.isdir(image_root):
             raise MissingFileError(f"--register-coco {name}: image folder not found: {image_root}")
-        classes = coco_category_names(json_file)
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name, functools.partial(load_coco_detection_json, json_file, image_root, name)
-        )
-        MetadataCatalog.get(name).set(
-            json_file=json_file, image_root=image_root, evaluator_type="coco", thing_classes=classes
-        )
-        logger.info(f"Registered COCO-format dataset {name!r}: {len(classes)} classes, {json_file}")
+        report = validate_coco_json(json_file, image_root)
+        register_coco_dataset(name, json_file, image_root, report.category_ids, report.thing_classes)
+        logger.info(f"Registered COCO-format dataset {name!r} ({report.summary()}): {json_file}")
         names.append(name)
     return names
 

@@ -12,7 +12,8 @@ import os
 from typing import List, Sequence
 
 from detectron2.config import LazyConfig
-from detectron2.utils.registry import _convert_target_to_string, locate
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import ConfigError, MissingFileError
@@ -95,7 +96,7 @@ def _checked_value(cfg, node, key: str, leaf: str, value, text: str):
             current = _NO_CHECK if default is inspect.Parameter.empty else default
             return _converted(current, value, key, text)
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            name = target if isinstance(target, str) else _convert_target_to_string(target)
+            name = target if isinstance(target, str) else f"{target.__module__}.{target.__qualname__}"
             accepted = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
             raise ConfigError(
                 f"unknown config key {key!r}: {name} has no argument {leaf!r}"
@@ -118,8 +119,7 @@ def _did_you_mean(leaf: str, candidates: List[str], key: str) -> str:
 
 
 def _current_value(cfg, node: DictConfig, key: str, leaf: str):
-    child = node._get_node(leaf)
-    if child is not None and child._is_interpolation():
+    if OmegaConf.is_interpolation(node, leaf):
         try:
             return OmegaConf.select(cfg, key)
         except Exception:  # an interpolation that only resolves later (e.g. relative to a callable's node)
@@ -208,6 +208,6 @@ def check_train_config(cfg, *, world_size: int, resume: bool, eval_only: bool = 
 
     init = get("train.init_checkpoint")
     output_dir = get("train.output_dir") or ""
-    resuming = resume and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
+    resuming = resume and PathManager.exists(os.path.join(output_dir, "last_checkpoint"))
     if init and not resuming and "://" not in init and not os.path.isfile(init):
         raise MissingFileError(f"train.init_checkpoint: no such file: {init}")
