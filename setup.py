@@ -27,5 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.48", "timm"],
+        # tools/export_model.py (onnx, onnxscript: torch.onnx's exporter) and tools/onnx_infer.py (onnxruntime)
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
     },
 )

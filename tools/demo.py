@@ -1,33 +1,35 @@
 #!/usr/bin/env python
 """Draw DAB-DETR predictions (boxes, class names, scores) on images, one PNG per image, with detectron2's
-`Visualizer` and the class names of the config's test dataset. Runs on the CPU unless `--device` says otherwise.
+`Visualizer` and the class names stored in the checkpoint (checkpoints of tools/train_net.py carry them; for
+converted weights, those of the config's test dataset). Runs on the CPU unless `--device` says otherwise.
 
     python tools/demo.py --config-file configs/dab_detr_r50_50ep.py --input "images/*.jpg" --output out/ \
         --confidence-threshold 0.5 train.init_checkpoint=weights/dab_detr_r50.pth
     python tools/demo.py --config-file configs/dab_detr_synthetic.py --dataset dab_synthetic_val --num-images 8 \
         --output output/synthetic/predictions train.init_checkpoint=output/synthetic/model_final.pth
 
-An image that cannot be read is reported by name on stderr and the others are still drawn; the exit code is then 1.
+Options may come before or after the KEY=VALUE config overrides. An image that cannot be read is reported by name
+on stderr and the others are still drawn; the exit code is then 1.
 The logic lives in `dab_detr.visualization`.
 """
 import argparse
-import os
-import re
 import sys
 import warnings
 
 # fvcore (imported with detectron2) scripts a function at import time, which torch now warns about on stderr
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
 
 import dab_detr  # noqa: E402,F401  (registers DABDETR; the synthetic config registers its datasets)
-from dab_detr.data.coco import sync_num_classes  # noqa: E402
+from dab_detr.class_metadata import inference_classes  # noqa: E402
+from dab_detr.cli import parse_args_with_overrides  # noqa: E402
 from dab_detr.config_checks import apply_overrides_checked, load_lazy_config  # noqa: E402
+from dab_detr.data.coco import register_coco_datasets  # noqa: E402
 from dab_detr.errors import DatasetError  # noqa: E402
 from dab_detr.visualization import Predictor, draw_files, expand_inputs  # noqa: E402
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,26 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device to run the model on (default cpu)")
     parser.add_argument("--scale", type=float, default=None,
                         help="drawing scale (default: enlarge images whose shorter side is under 512 pixels)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. train.init_checkpoint=X.pth")
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (for --dataset NAME; repeatable)",
+    )
+    parser.add_argument("opts", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.init_checkpoint=X.pth (before or after the options)")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.input:  # `--input a.jpg train.init_checkpoint=x.pth`: argparse gives the override to --input
-        overrides = [a for a in args.input if _OVERRIDE.match(a) and not os.path.exists(a)]
-        args.input = [a for a in args.input if a not in overrides]
-        args.opts = overrides + args.opts
+    args = parse_args_with_overrides(build_parser(), argv)
     if args.num_images < 1:
         build_parser().error(f"--num-images must be >= 1, got {args.num_images}")
     return args
 
 
 def _setup(args):
+    register_coco_datasets(args.register_coco)
     cfg = apply_overrides_checked(load_lazy_config(args.config_file), args.opts)
-    sync_num_classes(cfg)  # as tools/train_net.py does, so the model matches checkpoints it trained
-    test_names = cfg.dataloader.test.dataset.names
-    metadata = MetadataCatalog.get(test_names if isinstance(test_names, str) else test_names[0])
+    metadata = Metadata(name="checkpoint", thing_classes=inference_classes(cfg))  # also sets model.num_classes
     if args.dataset:
         if args.dataset not in DatasetCatalog.list():
             raise DatasetError(f"--dataset {args.dataset!r} is not registered")

@@ -53,7 +53,7 @@ else
   rm -rf "$site/tools"
 fi
 
-echo "[setup] installing dab_detr (editable) with test extras"
-$PIP install -q -e ".[test]"
+echo "[setup] installing dab_detr (editable) with test and export extras"
+$PIP install -q -e ".[test,export]"
 $PY -m dab_detr.env
 echo "$want" > "$STAMP"

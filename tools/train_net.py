@@ -22,8 +22,10 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import dab_detr  # noqa: F401  (registers DABDETR; the synthetic config registers its datasets)
+from dab_detr.class_metadata import DatasetMetadata, apply_checkpoint_classes
+from dab_detr.cli import parse_args_with_overrides
 from dab_detr.config_checks import apply_overrides_checked, check_train_config, load_lazy_config
-from dab_detr.data.coco import register_coco_datasets, sync_num_classes
+from dab_detr.data.coco import num_classes_of, register_coco_datasets, sync_num_classes
 from dab_detr.engine import (
     DetrCheckpointer,
     DetrTrainer,
@@ -64,11 +66,23 @@ def load_config(args):
     """LazyConfig + checked command-line overrides + the class count from the dataset(s), checked."""
     register_coco_datasets(args.register_coco)
     cfg = apply_overrides_checked(load_lazy_config(args.config_file), args.opts)
-    sync_num_classes(cfg, explicit=_explicit_num_classes(args.opts))
+    _sync_classes(cfg, args)
     check_train_config(
         cfg, world_size=max(1, args.num_gpus) * args.num_machines, resume=args.resume, eval_only=args.eval_only
     )
     return cfg
+
+
+def _sync_classes(cfg, args):
+    """--eval-only: the classes stored in the checkpoint, checked against the test dataset(s) only (the training
+    set need not be registered); otherwise the class count of the datasets."""
+    if args.eval_only:
+        names = cfg.dataloader.test.dataset.names
+        names = [names] if isinstance(names, str) else list(names)
+        num_classes_of(names)  # registered (or an error naming --register-coco), and they agree
+        if apply_checkpoint_classes(cfg, cfg.train.init_checkpoint, names) is not None:
+            return
+    sync_num_classes(cfg, explicit=_explicit_num_classes(args.opts))
 
 
 def do_test(cfg, model):
@@ -101,7 +115,9 @@ def do_train(args, cfg):
         seed=cfg.train.get("seed"),
     )
     checkpointer = DetrCheckpointer(
-        model, cfg.train.output_dir, trainer=trainer, reinit_classifier=args.reinit_classifier
+        model, cfg.train.output_dir, trainer=trainer, reinit_classifier=args.reinit_classifier,
+        # the classes of the training data, in every checkpoint (tools/demo.py and the export read them)
+        dataset_metadata=DatasetMetadata.from_datasets(cfg.dataloader.train.dataset.names),
     )
     trainer.register_hooks(
         [
@@ -140,7 +156,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)  # options before, between or after the overrides
     launch_cli(main, args, precheck=load_config)
 
 

@@ -1,0 +1,149 @@
+"""One exported file per model (dynamic batch, height and width), run by onnxruntime and by torch, equals the
+PyTorch model in eager mode on an image 480x640, one 640x480 and the zero-padded batch of both."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from dab_detr.export import ExportableDetector, ExportError, check_onnx_opset, export_onnx, export_program
+
+from export_helpers import ROOT, build_model, three_inputs
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+SCORE_TOL = 1e-4
+BOX_TOL = 1e-3  # pixels
+
+TINY_SYNTHETIC = [
+    "model.backbone.stem.out_channels=8", "model.backbone.stages.stem_width=8",
+    "model.backbone.stages.widths=[8,16,32,32]", "model.head.hidden_dim=32", "model.head.nheads=4",
+    "model.head.num_encoder_layers=2", "model.head.num_decoder_layers=2", "model.head.dim_feedforward=64",
+]
+MODELS = {
+    "synthetic": ("configs/dab_detr_synthetic.py", TINY_SYNTHETIC),
+    "deformable_synthetic": ("configs/dab_deformable_detr_synthetic.py",
+                             ["model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2"]),
+    "r50": ("configs/dab_detr_r50_50ep.py", []),
+}
+_DEFORMABLE_MISSING = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, MODELS["deformable_synthetic"][0])),
+                                         reason="DAB-Deformable-DETR is not in this checkout")
+
+
+def _eager(model, images):
+    with torch.no_grad():
+        return [out["instances"] for out in model([{"image": image} for image in images])]
+
+
+def assert_detections_match(boxes, scores, labels, instances):
+    """Exported `(B, K, ...)` outputs vs the eager model's `Instances` (which drop boxes that clipping emptied):
+    a one-to-one match with the same label, score within SCORE_TOL and box within BOX_TOL. Detections whose scores
+    tie to within float noise may come out in another order, so the match is an assignment, not by rank."""
+    boxes, scores, labels = (torch.as_tensor(np.asarray(x)) for x in (boxes, scores, labels))
+    assert boxes.shape[0] == len(instances)
+    for i, inst in enumerate(instances):
+        keep = (boxes[i, :, 2] > boxes[i, :, 0]) & (boxes[i, :, 3] > boxes[i, :, 1])
+        assert int(keep.sum()) == len(inst) > 0
+        box, score, label = boxes[i][keep], scores[i][keep], labels[i][keep]
+        # scores are sorted in both: equal up to noise rank by rank even where tied entries swap
+        assert (score - inst.scores).abs().max().item() < SCORE_TOL
+        cost = (box[:, None, :] - inst.pred_boxes.tensor[None]).abs().amax(-1)
+        cost[(score[:, None] - inst.scores[None]).abs() >= SCORE_TOL] = float("inf")
+        cost[label[:, None] != inst.pred_classes[None]] = float("inf")
+        rows, cols = linear_sum_assignment(torch.where(cost.isinf(), torch.full_like(cost, 1e9), cost).numpy())
+        worst = cost[rows, cols].max().item()
+        assert worst < BOX_TOL, f"image {i}: a detection has no eager twin within {BOX_TOL} px (worst {worst})"
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param("synthetic"),
+    pytest.param("deformable_synthetic", marks=[pytest.mark.slow, _DEFORMABLE_MISSING]),
+    pytest.param("r50", marks=pytest.mark.slow),
+])
+def exported(request, tmp_path_factory):
+    """(model, onnx path, ExportedProgram re-loaded from its file) for one model."""
+    config, overrides = MODELS[request.param]
+    model = build_model(config, overrides)
+    folder = tmp_path_factory.mktemp(f"export_{request.param}")
+    onnx_path, program_path = str(folder / "model.onnx"), str(folder / "model.pt2")
+    export_onnx(model, onnx_path, metadata={"dab_detr.class_names": json.dumps(list("abcde"))})
+    export_program(model, program_path)
+    return model, onnx_path, torch.export.load(program_path)
+
+
+def test_onnx_runtime_equals_eager(exported):
+    model, onnx_path, _ = exported
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    for images, sizes, image_list in three_inputs():
+        boxes, scores, labels = session.run(None, {"images": images.numpy(), "image_sizes": sizes.numpy()})
+        assert_detections_match(boxes, scores, labels, _eager(model, image_list))
+
+
+def test_exported_program_equals_eager(exported):
+    model, _, program = exported
+    module = program.module()
+    for images, sizes, image_list in three_inputs():
+        with torch.no_grad():
+            boxes, scores, labels = module(images, sizes)
+        assert_detections_match(boxes, scores, labels, _eager(model, image_list))
+
+
+def test_onnx_file_is_checked_and_carries_metadata(exported):
+    _, onnx_path, _ = exported
+    proto = onnx.load(onnx_path)
+    onnx.checker.check_model(proto, full_check=True)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["dab_detr.class_names"]) == list("abcde")
+    assert meta["dab_detr.opset"] == str({i.domain: i.version for i in proto.opset_import}[""]) == "18"
+    dims = [[d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim] for x in proto.graph.input]
+    # images (batch, 3, height, width), image_sizes (batch, 2): batch, height and width are symbolic
+    assert [isinstance(d, str) for d in dims[0]] == [True, False, True, True] and dims[0][1] == 3
+    assert [isinstance(d, str) for d in dims[1]] == [True, False] and dims[1][1] == 2
+
+
+def test_raw_outputs_equal_forward_raw(tmp_path):
+    from detectron2.structures import ImageList
+
+    model = build_model(*MODELS["synthetic"])
+    path = str(tmp_path / "raw.onnx")
+    export_onnx(model, path, raw=True)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    images, sizes, image_list = three_inputs()[2]
+    logits, boxes = session.run(None, {"images": images.numpy(), "image_sizes": sizes.numpy()})
+    with torch.no_grad():
+        padded = ImageList.from_tensors([(x - model.pixel_mean) / model.pixel_std for x in image_list],
+                                        model.size_divisibility)
+        expected = model.forward_raw(padded)
+    assert (torch.from_numpy(logits) - expected["pred_logits"]).abs().max().item() < 1e-4
+    assert (torch.from_numpy(boxes) - expected["pred_boxes"]).abs().max().item() < 1e-5
+
+
+def test_unsupported_opset_and_model_are_one_line_errors():
+    with pytest.raises(ExportError, match=r"^--opset 11 is not supported: use 18\.\.22$"):
+        check_onnx_opset(11)
+
+    class NeedsGridSample(torch.nn.Module):
+        min_onnx_opset = 19
+
+    with pytest.raises(ExportError, match=r"^--opset 18 is too old for NeedsGridSample: it needs opset >= 19$"):
+        check_onnx_opset(18, NeedsGridSample())
+    with pytest.raises(ExportError, match=r"^Linear cannot be exported: it has no pixel_mean.*forward_raw$"):
+        ExportableDetector(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_highest_supported_opset_runs_in_onnxruntime(tmp_path):
+    from dab_detr.export import ONNX_OPSETS
+
+    model = build_model(*MODELS["synthetic"])
+    path = str(tmp_path / "model.onnx")
+    export_onnx(model, path, opset=ONNX_OPSETS[-1])
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    images, sizes, image_list = three_inputs()[2]
+    boxes, scores, labels = session.run(None, {"images": images.numpy(), "image_sizes": sizes.numpy()})
+    assert_detections_match(boxes, scores, labels, _eager(model, image_list))
