@@ -13,12 +13,11 @@ Note the decoder's layer norms: the official `norm2` follows self-attention and 
 detrex's `norms.0` follows self-attention and `norms.1` cross-attention.
 """
 import re
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
-import torch
 from torch import Tensor
 
-from .io import Conversion
+from .io import Conversion, rename_state_dict
 from .torchvision import torchvision_resnet_key
 
 __all__ = ["convert_deformable_state_dict", "is_deformable_state_dict"]
@@ -86,6 +85,12 @@ def _detrex_key(key: str, num_convs: int) -> Optional[str]:
     return None
 
 
+def _tied_head_twin(key: str, state_dict: Mapping[str, Tensor]) -> Optional[str]:
+    """The top-level head `{bbox,class}_embed.*` of which `transformer.decoder.{bbox,class}_embed.*` is a copy."""
+    m = re.match(r"transformer\.decoder\.((?:bbox|class)_embed\..*)", key)
+    return m.group(1) if m and m.group(1) in state_dict else None
+
+
 def convert_deformable_state_dict(state_dict: Mapping[str, Tensor], flavour: str) -> Conversion:
     """Rename an official (`flavour="official"`) or detrex (`"detrex"`) DAB-Deformable-DETR state dict."""
     if flavour not in ("official", "detrex"):
@@ -95,22 +100,5 @@ def convert_deformable_state_dict(state_dict: Mapping[str, Tensor], flavour: str
     rename: Callable[[str], Optional[str]] = (
         _official_key if flavour == "official" else (lambda k: _detrex_key(k, num_convs))
     )
-    out: Dict[str, Tensor] = {}
-    unused: List[str] = []
-    ignored: List[str] = []
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            ignored.append(key)
-            continue
-        m = re.match(r"transformer\.decoder\.((?:bbox|class)_embed\..*)", key)
-        if m and m.group(1) in state_dict:  # the tied copy of a top-level head
-            if not torch.equal(state_dict[m.group(1)], value):
-                raise ValueError(f"{flavour} checkpoint: {key} differs from {m.group(1)}; the heads must be tied")
-            ignored.append(key)
-            continue
-        new_key = _head_key(key, num_layers) or rename(key)
-        if new_key is None:
-            unused.append(key)
-        else:
-            out[new_key] = value
-    return Conversion(out, unused, ignored)
+    return rename_state_dict(state_dict, lambda k: _head_key(k, num_layers) or rename(k), _tied_head_twin,
+                             source=flavour)

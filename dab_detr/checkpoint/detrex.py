@@ -11,13 +11,12 @@ cross-attention `attentions.1.*` -> `ca_*` (`query_pos_sine_proj` -> `ca_qpos_si
 detrex's backbone is already a detectron2 ResNet; its classifier has the 80 detectron2 classes.
 """
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Mapping, Optional
 
-import torch
 from torch import Tensor
 
 from .deformable import convert_deformable_state_dict, is_deformable_state_dict
-from .io import Conversion
+from .io import Conversion, rename_state_dict
 
 __all__ = ["convert_detrex_state_dict"]
 
@@ -67,31 +66,20 @@ def _dab_detr_key(key: str) -> Optional[str]:
     return None
 
 
+def _twin(key: str, state_dict: Mapping[str, Tensor]) -> Optional[str]:
+    """The original of a tied copy: the top-level `bbox_embed` of the decoder's, the FFN's `layers.0.1` PReLU of
+    its `activation`; None if `key` is no copy or its original is absent."""
+    twin = None
+    if key.startswith(_TIED_BOX):
+        twin = "bbox_embed." + key[len(_TIED_BOX):]
+    m = re.match(r"(transformer\.(?:en|de)coder\.layers\.\d+\.ffns\.0\.)activation\.(.*)", key)
+    if m:
+        twin = f"{m.group(1)}layers.0.1.{m.group(2)}"
+    return twin if twin in state_dict else None
+
+
 def convert_detrex_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
     """Rename a detrex DAB-DETR or DAB-Deformable-DETR (single- or two-stage) `checkpoint["model"]`."""
     if is_deformable_state_dict(state_dict):
         return convert_deformable_state_dict(state_dict, "detrex")
-    out: Dict[str, Tensor] = {}
-    unused: List[str] = []
-    ignored: List[str] = []
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            ignored.append(key)
-            continue
-        tied = None
-        if key.startswith(_TIED_BOX) and "bbox_embed." + key[len(_TIED_BOX):] in state_dict:
-            tied = "bbox_embed." + key[len(_TIED_BOX):]
-        m = re.match(r"(transformer\.(?:en|de)coder\.layers\.\d+\.ffns\.0\.)activation\.(.*)", key)
-        if m and f"{m.group(1)}layers.0.1.{m.group(2)}" in state_dict:
-            tied = f"{m.group(1)}layers.0.1.{m.group(2)}"
-        if tied is not None:
-            if not torch.equal(state_dict[tied], value):
-                raise ValueError(f"detrex checkpoint: {key} differs from {tied}; they must be one module")
-            ignored.append(key)
-            continue
-        new_key = _dab_detr_key(key)
-        if new_key is None:
-            unused.append(key)
-        else:
-            out[new_key] = value
-    return Conversion(out, unused, ignored)
+    return rename_state_dict(state_dict, _dab_detr_key, _twin, source="detrex")

@@ -14,12 +14,12 @@ official patterns (added to that row), P rows `pattern_p + [row C, 0]`.
   dropped) + `denoising_generator.label_encoder.weight`.
 """
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .io import CheckpointError, Conversion
+from .io import CheckpointError, Conversion, rename_state_dict
 from .official import convert_official_state_dict
 
 __all__ = ["DN_LABEL_EMBED_KEY", "convert_dn_detr_state_dict", "convert_detrex_dn_detr_state_dict"]
@@ -65,11 +65,13 @@ _DETREX_TOP = {
     "bbox_embed.": "head.transformer.decoder.bbox_embed.",
     "input_proj.": "head.input_proj.",
     "transformer.decoder.post_norm_layer.": "head.transformer.decoder.norm.",
+    "transformer.decoder.bbox_embed.": "head.transformer.decoder.bbox_embed.",  # when it has no tied original
     "transformer.decoder.query_scale.": "head.transformer.decoder.query_scale.",
     "transformer.decoder.ref_point_head.": "head.transformer.decoder.ref_point_head.",
     "transformer.decoder.ref_anchor_head.": "head.transformer.decoder.ref_anchor_head.",
     "transformer.encoder.query_scale.": "head.transformer.encoder.query_scale.",
 }
+_DETREX_LABEL_ENCODER = "denoising_generator.label_encoder.weight"
 _DETREX_LAYER = re.compile(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.(.*)$")
 
 
@@ -111,33 +113,23 @@ def _detrex_key(key: str) -> Optional[str]:
     return None
 
 
+def _detrex_twin(key: str, state_dict: Mapping[str, Tensor]) -> Optional[str]:
+    """The original of a tied copy: `bbox_embed.*` of the decoder's box head (if present, else that is the box
+    head), the FFN's `activation` of its second registration `layers.0.1` (always dropped)."""
+    if key.startswith("transformer.decoder.bbox_embed."):
+        twin = key[len("transformer.decoder."):]
+        return twin if twin in state_dict else None
+    if _DETREX_PRELU_TWIN.match(key):
+        return key.replace("ffns.0.layers.0.1.", "ffns.0.activation.")
+    return None
+
+
 def convert_detrex_dn_detr_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
     """detrex `projects/dn_detr` (DNDETR) `checkpoint["model"]` -> our layout (module doc)."""
-    out: Dict[str, Tensor] = {}
-    unused: List[str] = []
-    ignored: List[str] = []
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            ignored.append(key)
-        elif key.startswith("transformer.decoder.bbox_embed."):
-            twin = key[len("transformer.decoder."):]
-            if twin not in state_dict:  # alone, it is the box head
-                out["head." + key] = value
-                continue
-            if not torch.equal(state_dict[twin], value):
-                raise CheckpointError(f"detrex checkpoint: {key} differs from {twin}; both box heads must be tied")
-            ignored.append(key)
-        elif _DETREX_PRELU_TWIN.match(key):
-            twin = key.replace("ffns.0.layers.0.1.", "ffns.0.activation.")
-            if twin in state_dict and not torch.equal(state_dict[twin], value):
-                raise CheckpointError(f"detrex checkpoint: {key} differs from {twin}; both are the same PReLU")
-            ignored.append(key)
-        elif key == "denoising_generator.label_encoder.weight":
-            out.update(_label_embedding(value, None, key))
-        else:
-            new_key = _detrex_key(key)
-            if new_key is None:
-                unused.append(key)
-            else:
-                out[new_key] = value
-    return Conversion(out, unused, ignored)
+    rest = dict(state_dict)
+    label_encoder = rest.pop(_DETREX_LABEL_ENCODER, None)
+    conversion = rename_state_dict(rest, _detrex_key, _detrex_twin, source="detrex")
+    if label_encoder is None:
+        return conversion
+    return conversion._replace(state_dict={**conversion.state_dict,
+                                           **_label_embedding(label_encoder, None, _DETREX_LABEL_ENCODER)})

@@ -7,7 +7,7 @@ import argparse
 import os
 import pickle
 import re
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ __all__ = [
     "find_state_dict",
     "load_checkpoint",
     "read_state_dict",
+    "rename_state_dict",
     "resolve_checkpoint_file",
     "save_converted",
 ]
@@ -40,6 +41,41 @@ class Conversion(NamedTuple):
     state_dict: Dict[str, Tensor]  # our keys
     unused_keys: List[str]  # source keys that map to nothing: reported, an error when loading strictly
     ignored_keys: List[str]  # source keys dropped on purpose (BN counters, tied copies, an ImageNet classifier)
+
+
+def rename_state_dict(
+    state_dict: Mapping[str, Tensor],
+    rename: Callable[[str], Optional[str]],
+    twin_of: Optional[Callable[[str, Mapping[str, Tensor]], Optional[str]]] = None,
+    *,
+    source: str,
+    drop: Optional[Callable[[str], bool]] = None,
+) -> Conversion:
+    """Rename every key of `state_dict` with `rename`; a key it maps to None goes to `unused_keys`.
+
+    Dropped on purpose (`ignored_keys`): BN's `num_batches_tracked` counters, keys for which `drop` is true, and
+    tied copies, the keys for which `twin_of(key, state_dict)` names the original they duplicate; when that original
+    is in `state_dict` the two must be equal, else a `CheckpointError` (message starting with `source`).
+    """
+    out: Dict[str, Tensor] = {}
+    unused: List[str] = []
+    ignored: List[str] = []
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked") or (drop is not None and drop(key)):
+            ignored.append(key)
+            continue
+        twin = None if twin_of is None else twin_of(key, state_dict)
+        if twin is not None:
+            if twin in state_dict and not torch.equal(state_dict[twin], value):
+                raise CheckpointError(f"{source} checkpoint: {key} differs from {twin}; a tied copy must equal it")
+            ignored.append(key)
+            continue
+        new_key = rename(key)
+        if new_key is None:
+            unused.append(key)
+        else:
+            out[new_key] = value
+    return Conversion(out, unused, ignored)
 
 
 def resolve_checkpoint_file(path: str) -> str:

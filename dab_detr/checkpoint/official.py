@@ -13,13 +13,12 @@ transformer moves under `head.` unchanged. What is renamed:
 
 The classifier keeps its 91 raw-COCO-id rows here; `classes.select_classes` maps them to 80 classes.
 """
-from typing import Dict, List, Mapping
+from typing import Mapping, Optional
 
-import torch
 from torch import Tensor
 
 from .deformable import convert_deformable_state_dict, is_deformable_state_dict
-from .io import Conversion
+from .io import Conversion, rename_state_dict
 from .torchvision import torchvision_resnet_key
 
 __all__ = ["convert_official_state_dict"]
@@ -36,11 +35,19 @@ _RENAMES = {
 }
 
 
-def _rename(key: str):
+def _rename(key: str) -> Optional[str]:
+    if key.startswith(_BACKBONE_PREFIX):
+        return torchvision_resnet_key(key[len(_BACKBONE_PREFIX):])
     for old in sorted(_RENAMES, key=len, reverse=True):
         if key.startswith(old + "."):
             return _RENAMES[old] + key[len(old):]
     return None
+
+
+def _tied_box_twin(key: str, state_dict: Mapping[str, Tensor]) -> Optional[str]:
+    """`bbox_embed.*` for its decoder copy; alone, the copy maps like any transformer key."""
+    twin = "bbox_embed." + key[len(_TIED_BOX_PREFIX):]
+    return twin if key.startswith(_TIED_BOX_PREFIX) and twin in state_dict else None
 
 
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
@@ -51,25 +58,4 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
     """
     if is_deformable_state_dict(state_dict):
         return convert_deformable_state_dict(state_dict, "official")
-    out: Dict[str, Tensor] = {}
-    unused: List[str] = []
-    ignored: List[str] = []
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            ignored.append(key)
-            continue
-        twin = "bbox_embed." + key[len(_TIED_BOX_PREFIX):]
-        if key.startswith(_TIED_BOX_PREFIX) and twin in state_dict:  # alone, it maps like any transformer key
-            if not torch.equal(state_dict[twin], value):
-                raise ValueError(f"official checkpoint: {key} differs from {twin}; both box heads must be tied")
-            ignored.append(key)
-            continue
-        if key.startswith(_BACKBONE_PREFIX):
-            new_key = torchvision_resnet_key(key[len(_BACKBONE_PREFIX):])
-        else:
-            new_key = _rename(key)
-        if new_key is None:
-            unused.append(key)
-        else:
-            out[new_key] = value
-    return Conversion(out, unused, ignored)
+    return rename_state_dict(state_dict, _rename, _tied_box_twin, source="official")

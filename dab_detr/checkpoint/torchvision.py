@@ -4,12 +4,12 @@
 torchvision puts the stride in the 3x3 conv (`conv2`), which is detectron2's `stride_in_1x1=False`, the setting of
 our configs; its `layer1..4` are detectron2's `res2..5`, `downsample.0/1` the `shortcut` conv and its norm.
 """
-from typing import Dict, List, Mapping, Optional
+from typing import Mapping, Optional
 
 from torch import Tensor
 
 from .hf import _TIMM_BACKBONE  # timm's ResNet keeps torchvision's module names: one table serves both
-from .io import Conversion
+from .io import Conversion, rename_state_dict
 
 __all__ = ["convert_torchvision_resnet", "torchvision_resnet_key"]
 
@@ -29,16 +29,5 @@ def convert_torchvision_resnet(state_dict: Mapping[str, Tensor]) -> Conversion:
     The ImageNet classifier (`fc.*`) and BN's `num_batches_tracked` counters are dropped (`ignored_keys`);
     anything else that is not a ResNet key is returned in `unused_keys`.
     """
-    out: Dict[str, Tensor] = {}
-    unused: List[str] = []
-    ignored: List[str] = []
-    for key, value in state_dict.items():
-        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
-            ignored.append(key)
-            continue
-        new_key = torchvision_resnet_key(key)
-        if new_key is None:
-            unused.append(key)
-        else:
-            out[new_key] = value
-    return Conversion(out, unused, ignored)
+    return rename_state_dict(state_dict, torchvision_resnet_key, source="torchvision",
+                             drop=lambda key: key.startswith("fc."))
