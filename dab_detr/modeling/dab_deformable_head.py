@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dab_detr_head import ANCHOR_INITS, _init_anchors
+from .checks import check_detector_args, positive_ints
+from .dab_detr_head import _init_anchors
 from .deformable_transformer import DabDeformableTransformer
 from .position_encoding import PositionEmbeddingSine
-from .transformer import ACTIVATIONS
 
 
 class DabDeformableDetrHead(nn.Module):
@@ -185,27 +185,13 @@ class DabDeformableDetrHead(nn.Module):
 
 def _check_args(**a) -> None:
     name = "DabDeformableDetrHead"
-    for n in ("num_classes", "hidden_dim", "num_queries", "nheads", "num_encoder_layers", "num_decoder_layers",
-              "dim_feedforward", "num_feature_levels", "enc_n_points", "dec_n_points"):
-        if not isinstance(a[n], int) or a[n] < 1:
-            raise ValueError(f"{name}: {n} must be a positive int, got {a[n]!r}")
+    positive_ints(name, **{n: a[n] for n in (
+        "num_classes", "hidden_dim", "num_queries", "nheads", "num_encoder_layers", "num_decoder_layers",
+        "dim_feedforward", "num_feature_levels", "enc_n_points", "dec_n_points")})
     if a["hidden_dim"] % 32:  # GroupNorm(32) in the input projections; also a multiple of 4 for the sine PE
         raise ValueError(f"{name}: hidden_dim must be a multiple of 32 (GroupNorm(32)), got {a['hidden_dim']}")
-    if a["hidden_dim"] % a["nheads"]:
-        raise ValueError(f"{name}: hidden_dim ({a['hidden_dim']}) must be divisible by nheads ({a['nheads']})")
-    if not 0.0 <= a["dropout"] < 1.0:
-        raise ValueError(f"{name}: dropout must be in [0, 1), got {a['dropout']}")
-    if a["activation"] not in ACTIVATIONS:
-        raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {a['activation']!r}")
-    if not isinstance(a["num_patterns"], int) or a["num_patterns"] < 0:
-        raise ValueError(f"{name}: num_patterns must be an int >= 0, got {a['num_patterns']!r}")
-    if a["anchor_init"] not in ANCHOR_INITS:
-        raise ValueError(f"{name}: anchor_init must be one of {ANCHOR_INITS}, got {a['anchor_init']!r}")
-    if a["anchor_init"] == "spread" and a["random_refpoints_xy"]:
-        raise ValueError(f"{name}: random_refpoints_xy and anchor_init='spread' both set x, y; choose one")
+    check_detector_args(name, a)
     if a["two_stage"]:
         for n in ("num_patterns", "random_refpoints_xy", "anchor_init"):
             if a[n]:
                 raise ValueError(f"{name}: {n} has no effect with two_stage (anchors come from the encoder); unset it")
-    if not 0.0 < a["prior_prob"] < 1.0:
-        raise ValueError(f"{name}: prior_prob must be in (0, 1), got {a['prior_prob']}")

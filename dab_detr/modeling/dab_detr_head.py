@@ -12,9 +12,9 @@ from .box_ops import inverse_sigmoid
 from .denoising import DenoisingGenerator, split_denoising_outputs
 from .position_encoding import PositionEmbeddingSine
 from .targets import TargetBatch
-from .transformer import ACTIVATIONS, QUERY_SCALE_TYPES, DabDetrTransformer
+from .checks import check_detector_args, positive_ints
+from .transformer import QUERY_SCALE_TYPES, DabDetrTransformer
 
-ANCHOR_INITS = (None, "spread")
 DN_LABEL_EMBED_KEY = "denoising.label_embed.weight"
 logger = logging.getLogger(__name__)
 
@@ -210,34 +210,14 @@ def _init_anchors(num_queries: int, random_refpoints_xy: bool, anchor_init: Opti
 
 
 def _check_args(**a) -> None:
-    def positive(*names: str) -> None:
-        for n in names:
-            if not isinstance(a[n], int) or a[n] < 1:
-                raise ValueError(f"DabDetrHead: {n} must be a positive int, got {a[n]!r}")
-
-    positive("num_classes", "hidden_dim", "num_queries", "nheads", "num_encoder_layers", "num_decoder_layers",
-             "dim_feedforward")
-    if a["in_channels"] is not None:
-        positive("in_channels")
-    if a["hidden_dim"] % a["nheads"]:
-        raise ValueError(f"DabDetrHead: hidden_dim ({a['hidden_dim']}) must be divisible by nheads ({a['nheads']})")
+    name = "DabDetrHead"
+    sizes = ("num_classes", "hidden_dim", "num_queries", "nheads", "num_encoder_layers", "num_decoder_layers",
+             "dim_feedforward") + (() if a["in_channels"] is None else ("in_channels",))
+    positive_ints(name, **{n: a[n] for n in sizes})
+    check_detector_args(name, a)
     if a["hidden_dim"] % 4:  # hidden_dim / 2 sine features per axis, in sin/cos pairs
-        raise ValueError(f"DabDetrHead: hidden_dim must be a multiple of 4, got {a['hidden_dim']}")
-    if not 0.0 <= a["dropout"] < 1.0:
-        raise ValueError(f"DabDetrHead: dropout must be in [0, 1), got {a['dropout']}")
-    if a["activation"] not in ACTIVATIONS:
-        raise ValueError(f"DabDetrHead: activation must be one of {ACTIVATIONS}, got {a['activation']!r}")
-    if not isinstance(a["num_patterns"], int) or a["num_patterns"] < 0:
-        raise ValueError(f"DabDetrHead: num_patterns must be an int >= 0, got {a['num_patterns']!r}")
+        raise ValueError(f"{name}: hidden_dim must be a multiple of 4, got {a['hidden_dim']}")
     if a["query_scale_type"] not in QUERY_SCALE_TYPES:
-        raise ValueError(
-            f"DabDetrHead: query_scale_type must be one of {QUERY_SCALE_TYPES}, got {a['query_scale_type']!r}"
-        )
-    if a["anchor_init"] not in ANCHOR_INITS:
-        raise ValueError(f"DabDetrHead: anchor_init must be one of {ANCHOR_INITS}, got {a['anchor_init']!r}")
-    if a["anchor_init"] == "spread" and a["random_refpoints_xy"]:
-        raise ValueError("DabDetrHead: random_refpoints_xy and anchor_init='spread' both set x, y; choose one")
-    if not 0.0 < a["prior_prob"] < 1.0:
-        raise ValueError(f"DabDetrHead: prior_prob must be in (0, 1), got {a['prior_prob']}")
+        raise ValueError(f"{name}: query_scale_type must be one of {QUERY_SCALE_TYPES}, got {a['query_scale_type']!r}")
     if not 0.0 < a["inverse_sigmoid_eps"] < 0.5:
-        raise ValueError(f"DabDetrHead: inverse_sigmoid_eps must be in (0, 0.5), got {a['inverse_sigmoid_eps']}")
+        raise ValueError(f"{name}: inverse_sigmoid_eps must be in (0, 0.5), got {a['inverse_sigmoid_eps']}")

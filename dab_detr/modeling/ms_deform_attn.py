@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import positive_ints
+
 
 def level_start_index(spatial_shapes: Sequence[Tuple[int, int]]) -> List[int]:
     """Offsets of each level in the flattened `sum(h * w)` token sequence."""
@@ -63,9 +65,7 @@ class MSDeformAttn(nn.Module):
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
-        for name, v in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"MSDeformAttn: {name} must be a positive int, got {v!r}")
+        positive_ints("MSDeformAttn", d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
         if d_model % n_heads:
             raise ValueError(f"MSDeformAttn: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model = d_model
