@@ -1,10 +1,9 @@
 import pytest
-import torch
+
+from tests.helpers import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

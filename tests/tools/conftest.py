@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from tests.helpers import torch_threads
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -19,11 +20,8 @@ def _load_by_path(module_name: str, path: str):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models run several times faster on one thread when the (2-core) machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
