@@ -10,7 +10,8 @@ import re
 import sys
 from typing import List, Optional, Sequence
 
-__all__ = ["OVERRIDE", "is_override", "parse_args_with_overrides"]
+__all__ = ["OVERRIDE", "add_overrides_argument", "add_register_coco_argument", "is_override",
+           "parse_args_with_overrides"]
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -32,3 +33,16 @@ def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: Optional[Se
         parser.error(f"unrecognized argument {strays[0]!r}: config overrides look like key.path=value")
     setattr(args, dest, overrides)
     return args
+
+
+def add_register_coco_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--register-coco NAME JSON IMAGE_ROOT`, repeatable, into `args.register_coco` (a list of triples) for
+    `dab_detr.data.coco.register_coco_datasets`; `help` says what the tool uses the dataset for."""
+    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_ROOT"), help=help)
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    """The `opts` positional (KEY=VALUE config overrides) that `parse_args_with_overrides` fills, for `--help`."""
+    parser.add_argument("opts", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.init_checkpoint=X.pth (before or after the options)")

@@ -24,7 +24,7 @@ from detectron2.data.catalog import Metadata  # noqa: E402
 
 import dab_detr  # noqa: E402,F401  (registers DABDETR; the synthetic config registers its datasets)
 from dab_detr.class_metadata import inference_classes  # noqa: E402
-from dab_detr.cli import parse_args_with_overrides  # noqa: E402
+from dab_detr.cli import add_overrides_argument, add_register_coco_argument, parse_args_with_overrides  # noqa: E402
 from dab_detr.config_checks import apply_overrides_checked, load_lazy_config  # noqa: E402
 from dab_detr.data.coco import register_coco_datasets  # noqa: E402
 from dab_detr.errors import DatasetError  # noqa: E402
@@ -47,12 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device to run the model on (default cpu)")
     parser.add_argument("--scale", type=float, default=None,
                         help="drawing scale (default: enlarge images whose shorter side is under 512 pixels)")
-    parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME (for --dataset NAME; repeatable)",
-    )
-    parser.add_argument("opts", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.init_checkpoint=X.pth (before or after the options)")
+    add_register_coco_argument(parser, "register a COCO-format dataset under NAME (for --dataset NAME; repeatable)")
+    add_overrides_argument(parser)
     return parser
 
 

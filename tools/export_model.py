@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 import dab_detr  # noqa: E402,F401  (registers DABDETR)
 from dab_detr.class_metadata import inference_classes  # noqa: E402
-from dab_detr.cli import parse_args_with_overrides  # noqa: E402
+from dab_detr.cli import add_overrides_argument, add_register_coco_argument, parse_args_with_overrides  # noqa: E402
 from dab_detr.config_checks import apply_overrides_checked, load_lazy_config  # noqa: E402
 from dab_detr.data.coco import register_coco_datasets  # noqa: E402
 from dab_detr.export import (  # noqa: E402
@@ -51,12 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dynamic batch, height and width (the default)")
     shape.add_argument("--static", metavar="HxW", default=None, help="fixed height x width, e.g. 800x1216")
     parser.add_argument("--raw", action="store_true", help="output the head's logits and boxes, no post-processing")
-    parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset (for checkpoints that store no class names; repeatable)",
+    add_register_coco_argument(
+        parser, "register a COCO-format dataset (for checkpoints that store no class names; repeatable)"
     )
-    parser.add_argument("opts", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.init_checkpoint=X.pth (before or after the options)")
+    add_overrides_argument(parser)
     return parser
 
 

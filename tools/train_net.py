@@ -23,7 +23,7 @@ from detectron2.utils import comm
 
 import dab_detr  # noqa: F401  (registers DABDETR; the synthetic config registers its datasets)
 from dab_detr.class_metadata import DatasetMetadata, apply_checkpoint_classes
-from dab_detr.cli import parse_args_with_overrides
+from dab_detr.cli import add_register_coco_argument, parse_args_with_overrides
 from dab_detr.config_checks import apply_overrides_checked, check_train_config, load_lazy_config
 from dab_detr.data.coco import num_classes_of, register_coco_datasets, sync_num_classes
 from dab_detr.engine import (
@@ -42,9 +42,8 @@ logger = logging.getLogger("dab_detr")
 
 def build_parser():
     parser = default_argument_parser(epilog=__doc__)
-    parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME before the config is built (repeatable)",
+    add_register_coco_argument(
+        parser, "register a COCO-format dataset under NAME before the config is built (repeatable)"
     )
     parser.add_argument(
         "--reinit-classifier", action="store_true",
