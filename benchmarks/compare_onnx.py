@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from measure import CpuMonitor, alternate, median_ms, peak_rss_increase, write_jsonl  # noqa: E402
+from models import randomize_frozen_bn_and_prelu  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "dab_detr_r50_50ep.py")
 
@@ -39,16 +40,7 @@ def build_r50(seed: int = 0):
     cfg.model.criterion, cfg.model.num_classes = None, 80
     torch.manual_seed(seed)
     model = instantiate(cfg.model).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "running_var"):
-                module.weight.uniform_(0.5, 1.0, generator=g)
-                module.bias.normal_(0, 0.1, generator=g)
-                module.running_mean.normal_(0, 0.1, generator=g)
-                module.running_var.uniform_(0.5, 1.5, generator=g)
-            elif isinstance(module, torch.nn.PReLU):
-                module.weight.uniform_(0.1, 0.4, generator=g)
+    randomize_frozen_bn_and_prelu(model, torch.Generator().manual_seed(seed + 1))
     return model
 
 

@@ -1,7 +1,8 @@
 """Models, inputs and steps shared by the benchmarks and the tests.
 
 - HF `DabDetrForObjectDetection` with random weights and no identity/zero weights left (FrozenBN statistics, PReLU
-  slopes, box-head output layer, anchors, patterns), so that a mapping error cannot hide: `random_hf_model`;
+  slopes, box-head output layer, anchors, patterns), so that a mapping error cannot hide: `random_hf_model`
+  (`randomize_frozen_bn_and_prelu` serves our models too);
 - the two sizes we compare: R50 (`hf_r50`, `ours_r50`) and the `configs/dab_detr_synthetic.py` model behind
   `make train` (`hf_synthetic`, `ours_synthetic`);
 - inputs (`make_images`, `make_targets`) and one inference call / training step of each side, as closures for
@@ -20,18 +21,25 @@ SYNTHETIC_CLASSES = 5
 
 
 # --- HF models ---------------------------------------------------------------------------------------------------
-def randomize_hf_weights(model, seed: int = 1, class_embed_std: Optional[float] = None):
-    """Replace HF's identity/zero initialisations by random values (in place) and return `model`."""
-    g = torch.Generator().manual_seed(seed)
+def randomize_frozen_bn_and_prelu(model, g: torch.Generator) -> None:
+    """Draw every FrozenBN's statistics and affine and every PReLU's slope from `g`, in place (HF's or ours):
+    identity statistics would hide a BN mix-up."""
     with torch.no_grad():
         for module in model.modules():
-            if type(module).__name__.endswith("FrozenBatchNorm2d"):  # identity statistics would hide a BN mix-up
+            if type(module).__name__.endswith("FrozenBatchNorm2d"):
                 module.weight.uniform_(0.5, 1.0, generator=g)
                 module.bias.normal_(0, 0.1, generator=g)
                 module.running_mean.normal_(0, 0.1, generator=g)
                 module.running_var.uniform_(0.5, 1.5, generator=g)
             elif isinstance(module, torch.nn.PReLU):
                 module.weight.uniform_(0.1, 0.4, generator=g)
+
+
+def randomize_hf_weights(model, seed: int = 1, class_embed_std: Optional[float] = None):
+    """Replace HF's identity/zero initialisations by random values (in place) and return `model`."""
+    g = torch.Generator().manual_seed(seed)
+    randomize_frozen_bn_and_prelu(model, g)
+    with torch.no_grad():
         last = model.bbox_predictor.layers[-1]  # zero-init: boxes would equal the anchors whatever we compute
         last.weight.normal_(0, 0.02, generator=g)
         last.bias.normal_(0, 0.1, generator=g)
