@@ -10,10 +10,10 @@ setup:
 	@PYTHON=$(PYTHON) VENV=$(VENV) bash tools/setup_env.sh
 
 train: setup
-	$(PY) tools/train_net.py --config-file configs/dab_detr_synthetic.py --num-gpus 0 \
+	$(PY) tools/train_net.py --config-file configs/dn_dab_detr_synthetic.py --num-gpus 0 \
 	    train.output_dir=$(OUTPUT)
 	$(PY) tools/plot_metrics.py $(OUTPUT)/metrics.json --output $(OUTPUT)/learning_curve.png
-	$(PY) tools/demo.py --config-file configs/dab_detr_synthetic.py --dataset dab_synthetic_val --num-images 8 --confidence-threshold 0.4 \
+	$(PY) tools/demo.py --config-file configs/dn_dab_detr_synthetic.py --dataset dab_synthetic_val --num-images 8 --confidence-threshold 0.4 \
 	    --output $(OUTPUT)/predictions train.init_checkpoint=$(OUTPUT)/model_final.pth
 
 test: setup

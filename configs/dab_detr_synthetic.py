@@ -47,6 +47,9 @@ model.num_classes = 5  # taken from the dataset by tools/train_net.py anyway
 
 # --- data ------------------------------------------------------------------------------------------------------
 register_synthetic_dataset()  # dab_synthetic_train / dab_synthetic_val (files generated on first use)
+# The harder variant, classes told apart by shape alone (colours random): select it with
+# dataloader.train.dataset.names=dab_synthetic_shapes_train dataloader.test.dataset.names=dab_synthetic_shapes_val
+register_synthetic_dataset(name_prefix="dab_synthetic_shapes", color_mode="random")
 dataloader = OmegaConf.create()
 dataloader.train = L(build_resumable_train_loader)(  # detectron2's loader, resumable exactly (docs/reliability.md)
     dataset=L(get_detection_dataset_dicts)(names="dab_synthetic_train"),

@@ -1,8 +1,14 @@
-"""configs/dab_detr_synthetic.py with denoising training (DN-DETR) on: the same model, data, schedule and seed, so
-the two runs compare DN on vs off (`--config-file` either file, same overrides).
+"""The main job (`make train`): DAB-DETR with denoising training (DN-DETR) from scratch on the embedded dataset.
 
-Only `dn` and its three options differ; the matching queries keep zero content (no pattern), so that the
-denoising queries are the one change.
+The model, data and optimiser of `dab_detr_synthetic.py`, plus what the measurements on a 2-core CPU said:
+- denoising training on (5 groups, label noise 0.2, box noise 0.4): AP50 62.6 vs 35.3 without it at iteration
+  1,125 of the same run (README "Getting started"); it costs ~7% per step;
+- bf16 autocast on the CPU (`train.amp.enabled`; attention and the matcher stay fp32): a step takes ~0.64x the
+  fp32 time, so the same 15 minutes hold 4,500 iterations instead of 2,800;
+- 4,500 iterations x 16 = 72,000 images = 24 epochs, cosine to 5 %.
+
+DN on vs off at equal everything else: `--config-file configs/dn_dab_detr_synthetic.py model.head.dn=False`.
+Matching queries keep zero content (no pattern), so `dn` is the one difference between the two.
 """
 from .dab_detr_synthetic import dataloader, lr_multiplier, model, optimizer, train
 
@@ -10,4 +16,9 @@ model.head.dn = True
 model.head.denoising_groups = 5
 model.head.label_noise_prob = 0.2
 model.head.box_noise_scale = 0.4
-train.output_dir = "./output/dn_synthetic"
+
+train.amp.enabled = True  # bf16 autocast on a CPU (fp16 + GradScaler on CUDA)
+train.max_iter = 4500
+lr_multiplier.warmup_length = 100 / 4500  # 100 iterations, as a fraction of train.max_iter
+train.eval_period = 1125  # 4 evaluations for the learning curve
+train.output_dir = "./output/synthetic"
