@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .meta_arch import DABDETR
 from .modeling.dab_deformable_head import DabDeformableDetrHead
+from .modeling.targets import TargetBatch
 
 __all__ = ["DABDeformableDETR"]
 
@@ -78,14 +79,14 @@ class DABDeformableDETR(DABDETR):
             if have != channels:
                 raise ValueError(f"DABDeformableDETR: head in_channels={have} but in_features have {channels}")
 
-    def forward_raw(self, images: ImageList, targets=None) -> Dict[str, object]:
-        """Raw head outputs for a normalised, padded batch (`targets` are for denoising training, which this model
-        does not have yet, and are ignored)."""
+    def forward_raw(self, images: ImageList, targets: Optional[TargetBatch] = None) -> Dict[str, object]:
+        """Raw head outputs for a normalised, padded batch; `targets` feed the head's denoising queries in training
+        (if it has `dn` on)."""
         x = images.tensor
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
-        return self.head([features[f] for f in self.in_features], self.padding_mask(images, x.shape[-2:]))
+        return self.head([features[f] for f in self.in_features], self.padding_mask(images, x.shape[-2:]), targets)
 
     def losses(self, outputs: Dict[str, object], targets) -> Dict[str, Tensor]:
         losses = self.criterion(outputs, targets)

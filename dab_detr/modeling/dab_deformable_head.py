@@ -4,6 +4,7 @@ Multi-scale input projections (1x1 conv + GroupNorm(32) per backbone level, then
 extra levels), sine position encoding per level, the deformable transformer, learnable anchors and content
 queries (single-stage) or encoder proposals (two-stage), and one class head per decoder layer.
 """
+import logging
 import math
 from typing import Dict, Optional, Sequence
 
@@ -12,9 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_detector_args, positive_ints
-from .dab_detr_head import _init_anchors
+from .dab_detr_head import DN_LABEL_EMBED_KEY, _init_anchors
 from .deformable_transformer import DabDeformableTransformer
+from .denoising import DenoisingGenerator, split_denoising_outputs
 from .position_encoding import PositionEmbeddingSine
+from .targets import TargetBatch
+
+logger = logging.getLogger(__name__)
 
 
 class DabDeformableDetrHead(nn.Module):
@@ -24,6 +29,13 @@ class DabDeformableDetrHead(nn.Module):
     Returns `{"pred_logits": (B, Q, num_classes), "pred_boxes": (B, Q, 4) sigmoid cxcywh, "aux_outputs": [...]}`
     and, with `two_stage`, `"enc_outputs"` (the selected proposals, for the encoder loss).
     Q = num_queries * max(num_patterns, 1). `in_channels=None` leaves `input_proj` to `build_input_proj`.
+
+    Denoising training (`dn=True`, DN-Deformable-DETR, arXiv 2203.01305): exactly as in `DabDetrHead`. In
+    training, when `forward` gets the step's targets, `denoising_groups` noised copies of them run through the
+    decoder in front of the matching queries (two-stage: in front of the proposal-initialised queries), hidden
+    from them by the self-attention mask; the output also holds "dn_outputs" (G*M queries, every decoder layer)
+    and "dn_layout". Matching outputs, and everything in eval mode, are as with `dn=False`. The training-only
+    label embedding (`denoising.label_embed`) is dropped, with a log line, when loaded into a `dn=False` model.
     """
 
     def __init__(
@@ -50,6 +62,10 @@ class DabDeformableDetrHead(nn.Module):
         prior_prob: float = 0.01,
         inverse_sigmoid_eps: float = 1e-3,
         aux_loss: bool = True,
+        dn: bool = False,
+        denoising_groups: int = 5,
+        label_noise_prob: float = 0.2,
+        box_noise_scale: float = 0.4,
     ):
         super().__init__()
         _check_args(
@@ -58,7 +74,7 @@ class DabDeformableDetrHead(nn.Module):
             dim_feedforward=dim_feedforward, num_feature_levels=num_feature_levels, enc_n_points=enc_n_points,
             dec_n_points=dec_n_points, dropout=dropout, activation=activation, two_stage=two_stage,
             num_patterns=num_patterns, random_refpoints_xy=random_refpoints_xy, anchor_init=anchor_init,
-            prior_prob=prior_prob,
+            prior_prob=prior_prob, dn=dn, denoising_groups=denoising_groups,
         )
         self.num_classes = num_classes
         self.hidden_dim = hidden_dim
@@ -87,6 +103,12 @@ class DabDeformableDetrHead(nn.Module):
                 )
         self.patterns_embed = nn.Embedding(num_patterns, hidden_dim) if num_patterns > 0 else None
         self._reset_head_parameters(prior_prob)
+        # Built last, so that every other parameter is initialised the same with dn on and off.
+        self.denoising = (
+            DenoisingGenerator(num_classes, hidden_dim, denoising_groups, label_noise_prob, box_noise_scale,
+                               inverse_sigmoid_eps)
+            if dn else None
+        )
 
     def build_input_proj(self, in_channels: Sequence[int]) -> None:
         """1x1 conv + GN per backbone level (`in_channels`, strides increasing), then 3x3 stride-2 conv + GN levels
@@ -158,15 +180,41 @@ class DabDeformableDetrHead(nn.Module):
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
         return srcs, masks, pos
 
-    def forward(self, features: Sequence[Tensor], pixel_mask: Tensor) -> Dict[str, object]:
-        """`features [(B, C_l, H_l, W_l)]`, `pixel_mask (B, H, W)` bool (True = padding) -> raw outputs."""
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.denoising is None and prefix + DN_LABEL_EMBED_KEY in state_dict:
+            state_dict.pop(prefix + DN_LABEL_EMBED_KEY)
+            logger.info(f"Dropped {prefix + DN_LABEL_EMBED_KEY}: the denoising label embedding is only used in "
+                        "training with dn=True")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(
+        self, features: Sequence[Tensor], pixel_mask: Tensor, targets: Optional[TargetBatch] = None
+    ) -> Dict[str, object]:
+        """`features [(B, C_l, H_l, W_l)]`, `pixel_mask (B, H, W)` bool (True = padding) -> raw outputs.
+
+        `targets` (training only) are read by denoising training and ignored otherwise.
+        """
         srcs, masks, pos = self.level_features(features, pixel_mask)
         if self.two_stage:
-            out = self.transformer(srcs, masks, pos)
+            tgt = anchors = None  # K = min(num_queries, tokens) proposals, chosen by the encoder
+            num_matching = min(self.num_queries, sum(s.shape[-2] * s.shape[-1] for s in srcs))
         else:
             tgt, anchors = self.queries()
+            num_matching = tgt.shape[0]
+        dn = None
+        if self.denoising is not None and self.training and targets is not None:
+            dn = self.denoising(targets, num_matching)
+            out = self.transformer(srcs, masks, pos, tgt, anchors, dn.attn_mask, dn.content, dn.anchors)
+        else:
             out = self.transformer(srcs, masks, pos, tgt, anchors)
-        return self.predictions(out)
+        out = self.predictions(out)
+        if dn is not None:
+            enc = out.pop("enc_outputs", None)
+            dn_outputs, out = split_denoising_outputs(out, dn.layout.num_queries)
+            out.update(dn_outputs=dn_outputs, dn_layout=dn.layout)
+            if enc is not None:
+                out["enc_outputs"] = enc
+        return out
 
     def predictions(self, transformer_out: Dict[str, Tensor]) -> Dict[str, object]:
         """Class logits per decoder layer, packed with the boxes into the criterion's dict layout."""
@@ -191,6 +239,8 @@ def _check_args(**a) -> None:
     if a["hidden_dim"] % 32:  # GroupNorm(32) in the input projections; also a multiple of 4 for the sine PE
         raise ValueError(f"{name}: hidden_dim must be a multiple of 32 (GroupNorm(32)), got {a['hidden_dim']}")
     check_detector_args(name, a)
+    if a["dn"]:
+        positive_ints(name, denoising_groups=a["denoising_groups"])
     if a["two_stage"]:
         for n in ("num_patterns", "random_refpoints_xy", "anchor_init"):
             if a[n]:

@@ -273,9 +273,14 @@ class DabDeformableTransformer(nn.Module):
         tgt: Optional[Tensor] = None,
         anchors: Optional[Tensor] = None,
         self_attn_mask: Optional[Tensor] = None,
+        extra_tgt: Optional[Tensor] = None,
+        extra_anchors: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """Single-stage: content queries `tgt (Q, d)` and anchor logits `anchors (Q, 4)` (or batched `(B, Q, .)`,
         e.g. with extra queries, kept apart by `self_attn_mask`). Two-stage: both None.
+
+        `extra_tgt (B, E, d)` / `extra_anchors (B, E, 4)` (anchor logits; e.g. denoising queries) are put in front
+        of the queries (single-stage: the given ones; two-stage: the K proposals), so the decoder reads E + Q.
 
         Returns `hs (L_dec, B, Q, d)`, `boxes (L_dec, B, Q, 4)` and, two-stage, `enc_logits (B, K, C)` /
         `enc_boxes (B, K, 4)` of the K selected proposals (for the encoder loss).
@@ -304,6 +309,11 @@ class DabDeformableTransformer(nn.Module):
                 tgt = tgt.expand(batch, -1, -1)
             if reference.dim() == 2:
                 reference = reference.expand(batch, -1, -1)
+        if (extra_tgt is None) != (extra_anchors is None):
+            raise ValueError("DabDeformableTransformer: pass both extra_tgt and extra_anchors, or neither")
+        if extra_tgt is not None:
+            tgt = torch.cat((extra_tgt, tgt), dim=1)
+            reference = torch.cat((extra_anchors.sigmoid().to(reference.dtype), reference), dim=1)
         hs, boxes = self.decoder(tgt, reference, memory, spatial_shapes, ratios, mask, self_attn_mask)
         out["hs"], out["boxes"] = hs, boxes
         return out
