@@ -70,6 +70,19 @@ def test_training_losses_and_frozen_stem(two_stage):
     assert all(p.grad is not None for n, p in model.head.named_parameters()), "a head parameter got no gradient"
 
 
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_denoising_training_through_the_meta_architecture(two_stage):
+    """With `dn` on, the step's targets reach the head: DN losses on every decoder layer, all head params train."""
+    model = _tiny_model(two_stage, dn=True).train()
+    losses = model(_inputs_with_instances())
+    assert {"loss_class_dn", "loss_bbox_dn", "loss_giou_dn", "loss_giou_dn_0"} <= set(losses)
+    assert not any(k.endswith("_dn_enc") for k in losses)  # the encoder loss has no denoising part
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for n, p in model.head.named_parameters()), "a head parameter got no gradient"
+
+
 @pytest.mark.parametrize(
     "kwargs,option",
     [
@@ -91,7 +104,8 @@ CONFIGS += sorted(glob.glob(os.path.join(ROOT, "configs", "models", "*deformable
 def test_the_deformable_configs_are_shipped():
     names = {os.path.relpath(p, os.path.join(ROOT, "configs")) for p in CONFIGS}
     assert names == {"dab_deformable_detr_r50_50ep.py", "dab_deformable_detr_r50_two_stage_50ep.py",
-                     "dab_deformable_detr_synthetic.py", "models/dab_deformable_detr_r50.py"}
+                     "dab_deformable_detr_synthetic.py", "models/dab_deformable_detr_r50.py",
+                     "dn_dab_deformable_detr_r50_50ep.py"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
@@ -100,6 +114,12 @@ def test_every_deformable_config_instantiates(path):
     model = instantiate(cfg.model)
     assert isinstance(model, DABDeformableDETR)
     assert model.head.two_stage == ("two_stage" in path)
+    dn = os.path.basename(path).startswith("dn_")
+    assert (model.head.denoising is not None) == dn
+    if dn:
+        gen = model.head.denoising
+        assert (gen.denoising_groups, gen.label_noise_prob, gen.box_noise_scale) == (5, 0.2, 0.4)
+        assert model.head.num_queries == 300 and model.head.num_patterns == 0
     assert len(model.head.input_proj) == (3 if "synthetic" in path else 4)
     if "synthetic" not in path:
         assert cfg.get("optimizer") is None or cfg.optimizer.lr == 1e-4
