@@ -14,10 +14,10 @@ NUM_QUERIES = 7
 NUM_DECODER_LAYERS = 3
 
 
-def _head(dn, two_stage=False, **kwargs) -> DabDeformableDetrHead:
+def _head(dn, two_stage=False, num_queries=NUM_QUERIES, **kwargs) -> DabDeformableDetrHead:
     torch.manual_seed(0)
     return DabDeformableDetrHead(
-        [8, 16], num_classes=NUM_CLASSES, hidden_dim=32, num_queries=NUM_QUERIES, nheads=4, num_encoder_layers=1,
+        [8, 16], num_classes=NUM_CLASSES, hidden_dim=32, num_queries=num_queries, nheads=4, num_encoder_layers=1,
         num_decoder_layers=NUM_DECODER_LAYERS, dim_feedforward=64, num_feature_levels=3, enc_n_points=2,
         dec_n_points=2, two_stage=two_stage, dn=dn, **kwargs,
     )
@@ -160,3 +160,11 @@ def test_dn_checkpoint_loads_into_the_plain_model_and_drops_the_label_embedding(
 def test_bad_denoising_groups_is_a_one_line_error():
     with pytest.raises(ValueError, match="DabDeformableDetrHead: denoising_groups"):
         _head(True, denoising_groups=0)
+
+
+def test_two_stage_with_fewer_tokens_than_queries_masks_the_k_proposals():
+    """K = min(num_queries, tokens): 8x10 + 4x5 + 2x3 = 106 proposals for 200 queries; the mask must cover them."""
+    head = _head(True, two_stage=True, num_queries=200).train()
+    out = head(*_inputs(), _targets([2, 1]))
+    assert out["pred_logits"].shape == (2, 106, NUM_CLASSES)
+    assert out["dn_outputs"]["pred_logits"].shape == (2, 5 * 2, NUM_CLASSES)
