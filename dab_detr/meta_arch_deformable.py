@@ -27,6 +27,8 @@ class DABDeformableDETR(DABDETR):
     (losses suffixed `_enc`), as detrex does (same classes and matching as the decoder outputs).
     """
 
+    min_onnx_opset = 16  # deformable attention samples with grid_sample (ONNX GridSample, opset 16)
+
     @configurable
     def __init__(
         self,

@@ -27,6 +27,10 @@ MODELS = {
     "synthetic": ("configs/dab_detr_synthetic.py", TINY_SYNTHETIC),
     "deformable_synthetic": ("configs/dab_deformable_detr_synthetic.py",
                              ["model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2"]),
+    # two-stage: the top-k encoder proposals (a topk over all levels' tokens) become the decoder's queries
+    "deformable_two_stage_synthetic": ("configs/dab_deformable_detr_synthetic.py",
+                                       ["model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2",
+                                        "model.head.two_stage=True", "model.head.anchor_init=null"]),
     "r50": ("configs/dab_detr_r50_50ep.py", []),
 }
 _DEFORMABLE_MISSING = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, MODELS["deformable_synthetic"][0])),
@@ -61,6 +65,7 @@ def assert_detections_match(boxes, scores, labels, instances):
 @pytest.fixture(scope="module", params=[
     pytest.param("synthetic"),
     pytest.param("deformable_synthetic", marks=[pytest.mark.slow, _DEFORMABLE_MISSING]),
+    pytest.param("deformable_two_stage_synthetic", marks=[pytest.mark.slow, _DEFORMABLE_MISSING]),
     pytest.param("r50", marks=pytest.mark.slow),
 ])
 def exported(request, tmp_path_factory):
@@ -94,9 +99,12 @@ def test_exported_program_equals_eager(exported):
 
 
 def test_onnx_file_is_checked_and_carries_metadata(exported):
-    _, onnx_path, _ = exported
+    model, onnx_path, _ = exported
     proto = onnx.load(onnx_path)
     onnx.checker.check_model(proto, full_check=True)
+    # a model whose graph has GridSample (opset >= 16: deformable attention) declares it for check_onnx_opset
+    ops = {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+    assert ("GridSample" in ops) == (getattr(model, "min_onnx_opset", None) == 16)
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["dab_detr.class_names"]) == list("abcde")
     assert meta["dab_detr.opset"] == str({i.domain: i.version for i in proto.opset_import}[""]) == "18"
