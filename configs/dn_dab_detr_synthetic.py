@@ -4,9 +4,10 @@ The model, data and optimiser of `dab_detr_synthetic.py`, plus what the measurem
 - denoising training on (5 groups, label noise 0.2, box noise 0.4): AP50 62.6 vs 35.3 without it at iteration
   1,125 of the same run (README "Getting started"); it costs ~7% per step;
 - bf16 autocast on the CPU (`train.amp.enabled`; attention and the matcher stay fp32): a step takes ~0.64x the
-  fp32 time, so more iterations fit in the same minutes;
-- 3,600 iterations x 16 = 57,600 images = 19 epochs, cosine to 5 %: ~0.19 s per iteration with 2 threads here,
-  11.5 minutes of training, a margin under `make train`'s 15 minutes for a VM whose speed drifts by ~15 %.
+  fp32 time on one thread, less of a gain on two (README "Benchmarks"), so more iterations fit in the same minutes;
+- 2,800 iterations x 16 = 44,800 images = 15 epochs, cosine to 5 %: with 2 threads a step takes ~0.17 s at the
+  start and ~0.25 s once the model has trained a while (measured; the slowdown follows the weights, not the
+  process), ~12 minutes of training, a margin under `make train`'s 15 minutes on a VM whose speed drifts.
 
 DN on vs off at equal everything else: `--config-file configs/dn_dab_detr_synthetic.py model.head.dn=False`.
 Matching queries keep zero content (no pattern), so `dn` is the one difference between the two.
@@ -19,7 +20,7 @@ model.head.label_noise_prob = 0.2
 model.head.box_noise_scale = 0.4
 
 train.amp.enabled = True  # bf16 autocast on a CPU (fp16 + GradScaler on CUDA)
-train.max_iter = 3600
-lr_multiplier.warmup_length = 100 / 3600  # 100 iterations, as a fraction of train.max_iter
-train.eval_period = 900  # 4 evaluations for the learning curve
+train.max_iter = 2800
+lr_multiplier.warmup_length = 100 / 2800  # 100 iterations, as a fraction of train.max_iter
+train.eval_period = 700  # 4 evaluations for the learning curve
 train.output_dir = "./output/synthetic"
