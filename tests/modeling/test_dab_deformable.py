@@ -7,6 +7,7 @@ import torch
 
 from dab_detr.modeling.dab_deformable_head import DabDeformableDetrHead
 from dab_detr.modeling.deformable_transformer import encoder_reference_points, valid_ratios
+from tests.helpers import tiny_multiscale_inputs
 
 REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoint", "reference")
 
@@ -18,16 +19,6 @@ def tiny_head(two_stage=False, **kwargs) -> DabDeformableDetrHead:
         num_decoder_layers=3, dim_feedforward=64, num_feature_levels=3, enc_n_points=2, dec_n_points=3,
         two_stage=two_stage, **kwargs,
     )
-
-
-def tiny_inputs(seed=0):
-    """Backbone maps at strides 4 and 8 of a 32x40 batch; image 1 is 20x24 (padded right and bottom)."""
-    g = torch.Generator().manual_seed(seed)
-    feats = [torch.randn(2, 8, 8, 10, generator=g), torch.randn(2, 16, 4, 5, generator=g)]
-    mask = torch.zeros(2, 32, 40, dtype=torch.bool)
-    mask[1, 20:] = True
-    mask[1, :, 24:] = True
-    return feats, mask
 
 
 def _randomise(module, scale=0.2):
@@ -76,7 +67,7 @@ def test_valid_ratios_and_encoder_reference_points():
 def test_junk_in_padded_cells_of_every_level_does_not_move_outputs(two_stage):
     head = tiny_head(two_stage).eval()
     _randomise(head)
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     srcs, masks, pos = head.level_features(feats, mask)
     tgt_anchor = () if two_stage else head.queries()
     ref = head.transformer(srcs, masks, pos, *tgt_anchor)
@@ -90,7 +81,7 @@ def test_junk_in_padded_cells_of_every_level_does_not_move_outputs(two_stage):
 def test_an_images_outputs_do_not_depend_on_the_rest_of_the_batch():
     head = tiny_head().eval()
     _randomise(head)
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     both = head(feats, mask)
     alone = head([f[1:] for f in feats], mask[1:])
     torch.testing.assert_close(alone["pred_boxes"][0], both["pred_boxes"][1], atol=1e-5, rtol=1e-5)
@@ -100,7 +91,7 @@ def test_an_images_outputs_do_not_depend_on_the_rest_of_the_batch():
 def test_gradients_reach_what_trains_and_references_are_detached():
     head = tiny_head()
     _randomise(head)
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     out = head(feats, mask)
     out["pred_boxes"].sum().backward(retain_graph=True)
     # the last layer's box sees earlier refinements only as detached references
@@ -117,7 +108,7 @@ def test_gradients_reach_what_trains_and_references_are_detached():
 def test_two_stage_queries_are_detached_proposals_trained_by_the_encoder_loss():
     head = tiny_head(two_stage=True)
     _randomise(head)
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     out = head(feats, mask)
     assert out["enc_outputs"]["pred_logits"].shape == (2, 7, 5) and out["enc_outputs"]["pred_boxes"].shape == (2, 7, 4)
     assert not hasattr(head, "tgt_embed") and not hasattr(head, "refpoint_embed")
@@ -131,7 +122,7 @@ def test_two_stage_queries_are_detached_proposals_trained_by_the_encoder_loss():
 def test_two_stage_picks_valid_cells_with_the_best_scores():
     head = tiny_head(two_stage=True).eval()
     _randomise(head)
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     srcs, masks, pos = head.level_features(feats, mask)
     memory, flat_mask, shapes, _ = head.transformer.encode(srcs, masks, pos)
     output_memory, prior_logits = head.transformer.proposals(memory, flat_mask, shapes)
@@ -149,7 +140,7 @@ def test_patterns_repeat_the_anchors_pattern_major():
     assert tgt.shape == (14, 32) and anchors.shape == (14, 4)
     torch.testing.assert_close(anchors[7:], anchors[:7])
     torch.testing.assert_close(tgt[8] - tgt[1], head.patterns_embed.weight[1] - head.patterns_embed.weight[0])
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     assert head(feats, mask)["pred_boxes"].shape == (2, 14, 4)
 
 
@@ -185,7 +176,7 @@ def test_bad_options_are_one_line_errors_naming_the_option(kwargs, option):
 def test_compiled_inference_gives_the_same_outputs():
     head = tiny_head().eval()
     _randomise(head)
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     with torch.no_grad():
         eager = head(feats, mask)
         compiled = torch.compile(head)(feats, mask)
@@ -209,7 +200,7 @@ def test_extra_queries_kept_apart_by_the_self_attention_mask():
     from the matching queries: those then give the same outputs as without the extra queries."""
     head = tiny_head().eval()
     _randomise(head)
-    feats, mask = tiny_inputs()
+    feats, mask = tiny_multiscale_inputs()
     srcs, masks, pos = head.level_features(feats, mask)
     tgt, anchors = head.queries()
     plain = head.transformer(srcs, masks, pos, tgt, anchors)

@@ -8,6 +8,7 @@ from dab_detr.modeling.criterion import SetCriterion
 from dab_detr.modeling.dab_deformable_head import DabDeformableDetrHead
 from dab_detr.modeling.matcher import HungarianMatcher
 from dab_detr.modeling.targets import check_target_batch
+from tests.helpers import tiny_multiscale_inputs
 
 NUM_CLASSES = 5
 NUM_QUERIES = 7
@@ -32,16 +33,6 @@ def _randomised_pair(two_stage=False, **kwargs):
     dn = _head(True, two_stage, **kwargs)
     dn.load_state_dict(plain.state_dict(), strict=False)  # all but the label embedding
     return plain, dn
-
-
-def _inputs(seed=0):
-    """Backbone maps at strides 4 and 8 of a 32x40 batch of 2; image 1 is 20x24."""
-    g = torch.Generator().manual_seed(seed)
-    feats = [torch.randn(2, 8, 8, 10, generator=g), torch.randn(2, 16, 4, 5, generator=g)]
-    mask = torch.zeros(2, 32, 40, dtype=torch.bool)
-    mask[1, 20:] = True
-    mask[1, :, 24:] = True
-    return feats, mask
 
 
 def _targets(sizes, seed=0):
@@ -75,7 +66,7 @@ def test_dn_is_off_by_default_and_only_adds_the_label_embedding():
 def test_eval_outputs_are_bitwise_identical_with_dn_on_and_off(two_stage):
     plain, dn = _randomised_pair(two_stage)
     plain.eval(), dn.eval()
-    feats, mask = _inputs()
+    feats, mask = tiny_multiscale_inputs()
     with torch.no_grad():
         a, b = plain(feats, mask), dn(feats, mask, _targets([2, 1]))  # targets are ignored in eval
     _assert_same_outputs(a, b, equal=True)
@@ -93,7 +84,7 @@ def test_decoder_self_attention_mask_for_a_small_batch(monkeypatch):
         return decoder_forward(tgt, reference, *args)
 
     monkeypatch.setattr(head.transformer.decoder, "forward", spy)
-    head(*_inputs(), _targets([2, 1]))
+    head(*tiny_multiscale_inputs(), _targets([2, 1]))
     n = 4 + NUM_QUERIES
     expected = torch.zeros(2, n, n, dtype=torch.bool)
     expected[:, :, 4:] = True  # everyone sees the matching queries; matching queries see nothing else
@@ -109,7 +100,7 @@ def test_decoder_self_attention_mask_for_a_small_batch(monkeypatch):
 def test_in_training_matching_outputs_do_not_depend_on_the_denoising_queries(two_stage, num_patterns):
     plain, dn = _randomised_pair(two_stage, num_patterns=num_patterns)
     plain.train(), dn.train()
-    feats, mask = _inputs()
+    feats, mask = tiny_multiscale_inputs()
     targets = _targets([3, 1])
     a, b = plain(feats, mask, targets), dn(feats, mask, targets)
     assert b["pred_logits"].shape == (2, NUM_QUERIES * max(num_patterns, 1), NUM_CLASSES)
@@ -131,7 +122,7 @@ def _criterion():
 def test_dn_losses_on_every_layer_are_finite_also_without_targets(two_stage, sizes):
     head = _head(True, two_stage).train()
     targets = _targets(sizes)
-    losses = _criterion()(head(*_inputs(), targets), targets)
+    losses = _criterion()(head(*tiny_multiscale_inputs(), targets), targets)
     dn_keys = {f"loss_{k}_dn{s}" for k in ("class", "bbox", "giou") for s in ("", "_0", "_1")}
     assert dn_keys <= set(losses)
     assert not any(k.startswith("loss_") and k.endswith("_dn_2") for k in losses)  # 2 aux + the last layer
@@ -165,6 +156,6 @@ def test_bad_denoising_groups_is_a_one_line_error():
 def test_two_stage_with_fewer_tokens_than_queries_masks_the_k_proposals():
     """K = min(num_queries, tokens): 8x10 + 4x5 + 2x3 = 106 proposals for 200 queries; the mask must cover them."""
     head = _head(True, two_stage=True, num_queries=200).train()
-    out = head(*_inputs(), _targets([2, 1]))
+    out = head(*tiny_multiscale_inputs(), _targets([2, 1]))
     assert out["pred_logits"].shape == (2, 106, NUM_CLASSES)
     assert out["dn_outputs"]["pred_logits"].shape == (2, 5 * 2, NUM_CLASSES)
