@@ -61,7 +61,11 @@ def inspect_checkpoint(checkpoint: str) -> Tuple[Optional[dict], Optional[int]]:
     if not checkpoint or checkpoint.startswith(("http://", "https://", "detectron2://")):
         return None, None
     try:
-        data = torch.load(PathManager.get_local_path(checkpoint), map_location="cpu", weights_only=False)
+        path = PathManager.get_local_path(checkpoint)
+        try:  # mmap: only the small entries are read here; the tools then load the weights through the checkpointer
+            data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception:
         return None, None
     if not isinstance(data, dict):
