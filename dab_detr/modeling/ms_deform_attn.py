@@ -216,10 +216,10 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         ref = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2|4)
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: divide by (w, h)
-            # (L, 2) filled on the device: a host tensor copied over would make a CUDA forward wait for the copy
-            wh = torch.stack([torch.cat((query.new_full((1,), w), query.new_full((1,), h))) for h, w in spatial_shapes])
-            locations = ref + offsets / wh[:, None, :]
+            # offsets are in pixels of each level: times (1 / w, 1 / h), stored per (head, level, point) (see
+            # `_per_level`: half the time of a divide by an (L, 1, 2) tensor)
+            inverse_wh = _per_level(offsets, [(1.0 / w, 1.0 / h) for h, w in spatial_shapes], heads, points)
+            locations = torch.addcmul(ref, offsets, inverse_wh)
         elif reference_points.shape[-1] == 4:
             locations = ref[..., :2] + offsets * (ref[..., 2:] * (0.5 / points))
         else:
