@@ -6,11 +6,11 @@
 
 Rows (median ms, ours / HF): inference at 640x640 (batch 1), a training step at 2x512x512 (forward, losses,
 backward, AdamW) with the peak memory above the loaded models (RSS on the CPU, the allocator on CUDA), and the
-deformable attention alone on the encoder's input of a 640x640 image without gradients, once per sampling path
-of ours (`embedding_bag` gather, the inference default, and `grid_sample`, the training path; both modules hold
-the same weights; their outputs are compared). `--cpu-time` times with this process's CPU time instead of wall
-time (steadier on a shared machine, meaningful with one thread). The two models differ by design in the decoder's query path
-(DAB: anchors + sine embedding MLP; HF: learned query positions), so only speed is compared for them.
+deformable attention alone on the encoder's input of a 640x640 image without gradients, once per sampling path of
+ours (`embedding_bag` gather, the inference default, and `grid_sample`, the training path; both modules hold the
+same weights; their outputs are compared). `--cpu-time` times with this process's CPU time instead of wall time
+(steadier on a shared machine, meaningful with one thread). The two models differ by design in the decoder's query
+path (DAB: anchors + sine embedding MLP; HF: learned query positions), so only speed is compared for them.
 """
 import argparse
 import os

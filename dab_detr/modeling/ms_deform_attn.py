@@ -82,7 +82,7 @@ def _sample_grid(
     return out.view(batch, heads * head_dim, num_queries).transpose(1, 2)
 
 
-def _per_level(like: Tensor, rows: Sequence[Sequence[int]], heads: int, points: int, dtype=None) -> Tensor:
+def _per_level(like: Tensor, rows: Sequence[Sequence[float]], heads: int, points: int, dtype=None) -> Tensor:
     """`(H, L, P, k)` tensor holding `rows[l]` (k numbers of level l) for every head and point, filled on `like`'s
     device. Materialised rather than broadcast: an op between it and a `(B, Q, H, L, P)` tensor then runs over
     contiguous rows of H*L*P elements instead of P-long pieces (measured: several times faster on CPU)."""
@@ -98,8 +98,8 @@ def _sample_gather(
 
     The values are copied once onto maps with a one-cell zero border, and pixel coordinates are clamped to
     [-1, w] x [-1, h]: every corner then reads a cell that holds its value or zero, exactly as zero padding, with
-    no validity masks. Rows of the `(B*S' , H)`-major table are indexed (b, cell, h), so neither the values nor
-    the output need a permute: `(B*Q*H, Dh)` is `(B, Q, H*Dh)`."""
+    no validity masks. The table has one `Dh` row per (image, bordered cell, head) in that order, so neither the
+    values nor the output need a permute: the `(B*Q*H, Dh)` result is `(B, Q, H*Dh)`."""
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
     bordered = [(h + 2, w + 2) for h, w in spatial_shapes]
@@ -131,7 +131,7 @@ def _sample_gather(
     image_and_head = image_and_head.expand(batch, heads, levels * points).reshape(batch, 1, heads, levels, points)
     row = torch.add(image_and_head, cell.to(index_dtype), alpha=heads)  # (B, Q, H, L, P) table rows
     corners = _per_level(row, [(0, heads, (w + 2) * heads, (w + 3) * heads) for h, w in spatial_shapes],
-                         heads, points, dtype=index_dtype)  # (H, L, P, 4): +x, +y, +x+y
+                         heads, points, dtype=index_dtype)  # (H, L, P, 4): corner (x0, y0), +x, +y, +x+y
     # corner-major bags (4, L*P): the index and weight tensors are then written in contiguous blocks
     corners = corners.permute(0, 3, 1, 2).contiguous().view(heads, 4, levels * points)
     index = row.view(batch, num_queries, heads, 1, -1) + corners  # (B, Q, H, 4, L*P)
