@@ -174,13 +174,18 @@ class DABDETR(nn.Module):
 
     @staticmethod
     def padding_mask(images: ImageList, feature_size: Sequence[int]) -> Tensor:
-        """`(B, h, w)` bool mask at `feature_size`, True where the padded batch has no image pixel (nearest)."""
+        """`(B, h, w)` bool mask at `feature_size`, True where the padded batch has no image pixel: the pixel-level
+        mask downsampled with `F.interpolate` (nearest). Padding is at the bottom and right, so the mask is (padded
+        row) | (padded column) and each axis is downsampled alone: O(B * (H + W)), not O(B * H * W)."""
         tensor = images.tensor
         sizes = _image_sizes(images.image_sizes, tensor.device)
         rows = torch.arange(tensor.shape[-2], device=tensor.device)
         cols = torch.arange(tensor.shape[-1], device=tensor.device)
-        mask = (rows[None, :, None] >= sizes[:, 0, None, None]) | (cols[None, None, :] >= sizes[:, 1, None, None])
-        return F.interpolate(mask[None].float(), size=tuple(feature_size))[0].bool()
+        padded_rows = (rows[None, :] >= sizes[:, 0, None]).float()[:, None, :, None]  # (B, 1, H, 1)
+        padded_cols = (cols[None, :] >= sizes[:, 1, None]).float()[:, None, None, :]  # (B, 1, 1, W)
+        padded_rows = F.interpolate(padded_rows, size=(feature_size[0], 1))[:, 0, :, :]  # (B, h, 1)
+        padded_cols = F.interpolate(padded_cols, size=(1, feature_size[1]))[:, 0, :, :]  # (B, 1, w)
+        return (padded_rows + padded_cols) > 0
 
     def forward_raw(self, images: ImageList, targets: Optional[TargetBatch] = None) -> Dict[str, object]:
         """Raw head outputs (`pred_logits`, `pred_boxes`, `aux_outputs`) for a normalised, padded batch; `targets`
