@@ -21,6 +21,9 @@ them alternately (ABBA order, medians after warm-up, the same input and thread c
   16 of 128x128: forward + loss + backward + clip 1.0 + its AdamW, as the trainer runs it from detectron2 inputs)
   against HF's model of nearly the same size (`benchmarks.models.hf_synthetic`) with fused AdamW (HF Trainer's
   default) at the same lr; different weights (the architectures differ), so no agreement check there.
+  Row `synthetic_res4_train_step_ms`, timed in the same rotation: the same model of ours read at res4 (its res5 not
+  built: stem + res2-res4 forward and backward, 2.10 M parameters, not the model `make train` trains) against the
+  same HF step (its backbone runs stage1-stage3 forward and backward and its stage4 forward only, unused).
 The machine's load (load average, busy cores outside this process) is recorded: rerun when others were busy.
 
 `--device cuda` runs the same comparison on a GPU (timings synchronised with the device, peak memory from the CUDA
@@ -150,27 +153,31 @@ def time_synthetic_training(report, plan, device: str, amp: bool, cpu_time: bool
     batch, size = plan["synthetic"]
     shape = f"{batch}x3x{size[0]}x{size[1]}"
     report.log(f"synthetic-size training step {shape}")
-    ours, cfg = ours_synthetic()
     hf = hf_synthetic()
-    ours.to(device).train(), hf.to(device).train()
-    cfg.optimizer.params.model = ours
-    optimizer = instantiate(cfg.optimizer)
-    clip = cfg.train.clip_grad.max_norm
+    hf.to(device).train()
     images, targets = make_images(batch, size, device=device), make_targets(batch, device=device, num_classes=5,
                                                                              sizes=[1 + i % 6 for i in range(batch)])
-    steps = {
-        "ours": ours_full_train_step(ours, as_batched_inputs(images, targets), amp, optimizer=optimizer,
-                                     clip_max_norm=clip),
-        "hf": hf_train_step(hf, images, targets, amp, optimizer=adamw(hf, lr=cfg.optimizer.lr,
-                                                                      weight_decay=cfg.optimizer.weight_decay),
-                            clip_max_norm=clip),
-    }
+    steps, params = {}, {"hf": sum(p.numel() for p in hf.parameters())}
+    for name, in_feature in (("ours", "res5"), ("ours_res4", "res4")):
+        model, cfg = ours_synthetic(in_feature=in_feature)
+        model.to(device).train()
+        cfg.optimizer.params.model = model
+        clip = cfg.train.clip_grad.max_norm
+        steps[name] = ours_full_train_step(model, as_batched_inputs(images, targets), amp,
+                                           optimizer=instantiate(cfg.optimizer), clip_max_norm=clip)
+        params[name] = sum(p.numel() for p in model.parameters())
+    steps["hf"] = hf_train_step(hf, images, targets, amp, optimizer=adamw(hf, lr=cfg.optimizer.lr,
+                                                                          weight_decay=cfg.optimizer.weight_decay),
+                                clip_max_norm=clip)
     clock = time.process_time if cpu_time else time.perf_counter
     times = measure.alternate(steps, plan["warmup"], plan["synthetic_runs"], device, clock=clock)
     ms = measure.median_ms(times)
-    params = {"ours": sum(p.numel() for p in ours.parameters()), "hf": sum(p.numel() for p in hf.parameters())}
+    clock_name = "process CPU time" if cpu_time else "wall"
     report.add("synthetic_train_step_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["synthetic_runs"],
-               params=params, clock="process CPU time" if cpu_time else "wall")
+               params={"ours": params["ours"], "hf": params["hf"]}, clock=clock_name)
+    report.add("synthetic_res4_train_step_ms", ms["ours_res4"], ms["hf"], shape=shape, runs=plan["synthetic_runs"],
+               params={"ours": params["ours_res4"], "hf": params["hf"]}, clock=clock_name,
+               note="ours read at res4 (res5 not built; not the make-train model); HF unchanged")
 
 
 def flop_efficiency(report, ours, hf, images: torch.Tensor, gemm: float) -> None:

@@ -128,12 +128,15 @@ def ours_r50(state_dict: Dict[str, torch.Tensor], hf_format: bool, num_classes: 
     return model
 
 
-def ours_synthetic(num_classes: int = SYNTHETIC_CLASSES, seed: int = 0):
-    """The model of `configs/dab_detr_synthetic.py` (what `make train` trains), and its optimizer config."""
+def ours_synthetic(num_classes: int = SYNTHETIC_CLASSES, seed: int = 0, in_feature: str = "res5"):
+    """The model of `configs/dab_detr_synthetic.py` (what `make train` trains), and its optimizer config.
+    `in_feature="res4"`: the same model read at res4, so that res5 is not built (not what `make train` trains)."""
     from detectron2.config import LazyConfig, instantiate
 
     cfg = LazyConfig.load(os.path.join(CONFIG_DIR, "dab_detr_synthetic.py"))
     cfg.model.num_classes = num_classes
+    cfg.model.backbone.out_features = [in_feature]
+    cfg.model.in_feature = in_feature
     torch.manual_seed(seed)
     model = instantiate(cfg.model)
     return model, cfg

@@ -1,11 +1,12 @@
-"""Backbone helpers: small detectron2 ResNets for training from scratch (the embedded dataset, tests), and folding
-FrozenBN into the convolution before it (speed)."""
+"""Backbone helpers: small detectron2 ResNets for training from scratch (the embedded dataset, tests), and, for
+speed, folding FrozenBN into the convolution before it and running 1x1 convolutions of NHWC activations as GEMMs."""
 from typing import List, Sequence
 
-import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
+
+from .modeling.conv import conv2d
 
 
 def small_resnet_stages(
@@ -40,7 +41,18 @@ def small_resnet_stages(
     return stages
 
 
-class FrozenBNConv2d(Conv2d):
+class NHWCConv2d(Conv2d):
+    """detectron2 `Conv2d` (same parameters, norm, activation) whose convolution is `modeling.conv.conv2d`: a 1x1,
+    stride-1 one on channels_last activations runs as one GEMM over the pixels."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.activation(x) if self.activation is not None else x
+
+
+class FrozenBNConv2d(NHWCConv2d):
     """detectron2 `Conv2d` whose FrozenBN `norm` is applied through the convolution's weight and bias.
 
     conv(x, W) * s + t == conv(x, W * s) + t with s = gamma / sqrt(var + eps), t = beta - mean * s: one pass over
@@ -51,14 +63,14 @@ class FrozenBNConv2d(Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         norm = self.norm
-        if not isinstance(norm, FrozenBatchNorm2d):  # norm swapped after folding: plain detectron2 behaviour
+        if not isinstance(norm, FrozenBatchNorm2d):  # norm swapped after folding: plain convolution + norm
             return super().forward(x)
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         bias = norm.bias - norm.running_mean * scale
         if self.bias is not None:
             bias = bias + self.bias * scale
         weight = self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype)
-        x = F.conv2d(x, weight, bias.to(x.dtype), self.stride, self.padding, self.dilation, self.groups)
+        x = conv2d(x, weight, bias.to(x.dtype), self.stride, self.padding, self.dilation, self.groups)
         return self.activation(x) if self.activation is not None else x
 
 
@@ -72,5 +84,16 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
     for m in module.modules():
         if type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d):
             m.__class__ = FrozenBNConv2d
+            count += 1
+    return count
+
+
+def use_nhwc_convolutions(module: nn.Module) -> int:
+    """Make every other plain detectron2 `Conv2d` in `module` an `NHWCConv2d`, in place (only the class changes).
+    Returns the number of convolutions changed."""
+    count = 0
+    for m in module.modules():
+        if type(m) is Conv2d:
+            m.__class__ = NHWCConv2d
             count += 1
     return count

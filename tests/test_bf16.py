@@ -58,3 +58,32 @@ def test_attention_under_cpu_autocast_is_fp32_attention_of_the_bf16_inputs():
     expected = multi_head_attention(q.float(), k.float(), v.float(), num_heads=4, attn_mask=mask)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected.bfloat16(), rtol=0, atol=0)
+
+
+def test_prelu_bf16_path_is_prelu_in_value_and_gradient():
+    """The FFN's PReLU computes bf16 CPU inputs as relu(x) - a * relu(-x): the same function and gradients as
+    F.prelu (to bf16 rounding) away from x = 0, the same parameter; fp32 inputs take F.prelu itself."""
+    from dab_detr.modeling.transformer import PReLU
+
+    act = PReLU()
+    with torch.no_grad():
+        act.weight.fill_(0.3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 32, generator=g)
+    grad = torch.randn(4, 7, 32, generator=g)
+
+    got_x = x.bfloat16().requires_grad_()
+    got = act(got_x)
+    got.backward(grad.bfloat16())
+    got_w = act.weight.grad.clone()
+    act.weight.grad = None
+    ref_x = x.bfloat16().float().requires_grad_()
+    ref = torch.nn.functional.prelu(ref_x, act.weight)
+    ref.backward(grad.bfloat16().float())
+
+    assert got.dtype == torch.bfloat16 and act.weight.dtype == torch.float32
+    torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got_x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got_w, act.weight.grad, rtol=2e-2, atol=1e-2)
+    with torch.no_grad():  # fp32: exactly F.prelu
+        assert torch.equal(act(x), torch.nn.functional.prelu(x, act.weight))

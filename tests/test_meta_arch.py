@@ -96,6 +96,18 @@ def test_padding_mask_marks_cells_without_image_pixels():
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("padded, feature_size", [((96, 96), (3, 3)), ((100, 70), (7, 9)), ((64, 48), (64, 48)),
+                                                  ((33, 65), (5, 3))])
+def test_padding_mask_is_the_nearest_downsampled_pixel_mask(padded, feature_size):
+    sizes = [padded, (padded[0] - 5, padded[1] // 3), (padded[0] // 2 + 1, padded[1] - 1), (1, 1)]
+    images = ImageList(torch.zeros(len(sizes), 3, *padded), sizes)
+    pixels = torch.ones(len(sizes), *padded)
+    for i, (h, w) in enumerate(sizes):
+        pixels[i, :h, :w] = 0
+    expected = torch.nn.functional.interpolate(pixels[None], size=feature_size, mode="nearest")[0].bool()
+    assert torch.equal(DABDETR.padding_mask(images, feature_size), expected)
+
+
 def test_training_returns_weighted_losses_and_frozen_parts_get_no_gradient():
     model = _tiny_model().train()
     inputs = []

@@ -13,6 +13,7 @@ from .denoising import DenoisingGenerator, split_denoising_outputs
 from .position_encoding import PositionEmbeddingSine
 from .targets import TargetBatch
 from .checks import check_detector_args, positive_ints
+from .conv import Conv2d
 from .transformer import QUERY_SCALE_TYPES, DabDetrTransformer
 
 DN_LABEL_EMBED_KEY = "denoising.label_embed.weight"
@@ -119,7 +120,7 @@ class DabDetrHead(nn.Module):
         """The 1x1 conv from the backbone feature (`in_channels`) to `hidden_dim`."""
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"DabDetrHead: in_channels must be a positive int, got {in_channels!r}")
-        self.input_proj = nn.Conv2d(in_channels, self.hidden_dim, kernel_size=1)
+        self.input_proj = Conv2d(in_channels, self.hidden_dim, kernel_size=1)  # a GEMM on NHWC features
 
     @property
     def bbox_embed(self) -> nn.Module:
