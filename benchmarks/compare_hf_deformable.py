@@ -6,13 +6,16 @@
 
 Rows (median ms, ours / HF): inference at 640x640 (batch 1), a training step at 2x512x512 (forward, losses,
 backward, AdamW) with the peak memory above the loaded models (RSS on the CPU, the allocator on CUDA), and the
-deformable attention alone on the encoder's input of a 640x640 image (both modules hold
-the same weights; their outputs are compared). The two models differ by design in the decoder's query path
-(DAB: anchors + sine embedding MLP; HF: learned query positions), so only speed is compared for them.
+deformable attention alone on the encoder's input of a 640x640 image without gradients, once per sampling path of
+ours (`embedding_bag` gather, the inference default, and `grid_sample`, the training path; both modules hold the
+same weights; their outputs are compared). `--cpu-time` times with this process's CPU time instead of wall time
+(steadier on a shared machine, meaningful with one thread). The two models differ by design in the decoder's query
+path (DAB: anchors + sine embedding MLP; HF: learned query positions), so only speed is compared for them.
 """
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -50,8 +53,9 @@ def ours_deformable_r50(num_classes: int = NUM_CLASSES, seed: int = 0):
     return instantiate(cfg.model).eval()
 
 
-def attention_pair(device: str, size: int = 640):
-    """Our `MSDeformAttn` and HF's module with the same weights, and encoder-like inputs of a `size` image."""
+def attention_pair(device: str, size: int = 640, sampling: str = "auto"):
+    """Our `MSDeformAttn` (sampling path `sampling`) and HF's module with the same weights, and encoder-like
+    inputs of a `size` image."""
     import transformers
     from transformers.models.deformable_detr.modeling_deformable_detr import (
         DeformableDetrMultiscaleDeformableAttention,
@@ -61,7 +65,7 @@ def attention_pair(device: str, size: int = 640):
     from dab_detr.modeling.ms_deform_attn import MSDeformAttn
 
     torch.manual_seed(0)
-    ours = MSDeformAttn(256, 4, 8, 4)
+    ours = MSDeformAttn(256, 4, 8, 4, sampling=sampling)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -92,17 +96,22 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test, not a measurement)")
     parser.add_argument("--jsonl", default=None, help="also write the rows here")
+    parser.add_argument("--cpu-time", action="store_true", help="time with process CPU time (use one thread)")
     args = parser.parse_args(argv)
     warmup, runs = (1, 2) if args.quick else (2, 6)
     report = Report(args.quick)
     dev = args.device
+    clock = {"clock": time.process_time} if args.cpu_time else {}
 
-    report.log("attention module, encoder input of a 640x640 image")
-    run_ours, run_hf = attention_pair(dev)
+    report.log("attention module without gradients, encoder input of a 640x640 image")
+    run_gather, run_hf = attention_pair(dev, sampling="gather")
+    run_grid, _ = attention_pair(dev, sampling="grid_sample")
     with torch.no_grad():
-        diff = max_abs_diff(run_ours(), run_hf())
-        ms = median_ms(alternate({"ours": run_ours, "hf": run_hf}, warmup, runs, dev))
-    report.add("attention forward 640 (ms)", ms["ours"], ms["hf"], max_abs_diff=diff)
+        diffs = {"gather": max_abs_diff(run_gather(), run_hf()), "grid_sample": max_abs_diff(run_grid(), run_hf())}
+        ms = median_ms(alternate({"gather": run_gather, "grid_sample": run_grid, "hf": run_hf}, warmup, runs, dev,
+                                 **clock))
+    for path in ("gather", "grid_sample"):
+        report.add(f"attention forward 640, {path} (ms)", ms[path], ms["hf"], max_abs_diff=diffs[path])
 
     report.log("building the R50 models")
     ours, hf = ours_deformable_r50().to(dev), hf_deformable_r50().to(dev)
@@ -111,7 +120,8 @@ def main(argv=None) -> int:
     report.log("inference 1x640x640")
     images = make_images(1, (640, 640), device=dev)
     with torch.no_grad():
-        ms = median_ms(alternate({"ours": ours_infer(ours, images), "hf": hf_infer(hf, images)}, warmup, runs, dev))
+        ms = median_ms(alternate({"ours": ours_infer(ours, images), "hf": hf_infer(hf, images)}, warmup, runs, dev,
+                                 **clock))
     report.add("inference 1x640x640 (ms)", ms["ours"], ms["hf"])
     peak = cuda_peak_increase if dev == "cuda" else peak_rss_increase
     with torch.no_grad():
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
     images = make_images(2, (512, 512), device=dev)
     targets = make_targets(2, device=dev)
     steps = {"ours": ours_train_step(ours, images, targets), "hf": hf_train_step(hf, images, targets)}
-    ms = median_ms(alternate(steps, 1, max(2, runs // 2), dev))
+    ms = median_ms(alternate(steps, 1, max(2, runs // 2), dev, **clock))
     report.add("train step 2x512x512 (ms)", ms["ours"], ms["hf"])
     mem = {name: peak(step, calls=1)[0] for name, step in steps.items()}
     report.add("peak memory, train step (MiB)", mem["ours"], mem["hf"])

@@ -15,6 +15,7 @@ starts N CPU processes (gloo).
 import logging
 import re
 import sys
+import time
 
 from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
@@ -95,6 +96,14 @@ def do_test(cfg, model):
     return results
 
 
+def _with_wall_time(results, clock):
+    """Evaluation results plus `wall/minutes` since training started in this process, so that
+    tools/plot_metrics.py can compare runs at equal wall time."""
+    if not results:
+        return results
+    return {**results, "wall": {"minutes": (time.perf_counter() - clock) / 60}}
+
+
 def do_train(args, cfg):
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
@@ -118,6 +127,7 @@ def do_train(args, cfg):
         # the classes of the training data, in every checkpoint (tools/demo.py and the export read them)
         dataset_metadata=DatasetMetadata.from_datasets(cfg.dataloader.train.dataset.names),
     )
+    clock = time.perf_counter()
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -126,7 +136,7 @@ def do_train(args, cfg):
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.EvalHook(cfg.train.eval_period, lambda: _with_wall_time(do_test(cfg, model), clock)),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
             )

@@ -66,6 +66,26 @@ def test_train_net_trains_lowers_the_loss_and_evaluates(trained):
     assert set(metrics) >= {"AP", "AP50", "AP75"}
 
 
+def test_evaluations_carry_the_wall_time_and_plot_against_it(trained, tmp_path):
+    out, _ = trained
+    rows = [json.loads(line) for line in open(out / "metrics.json")]
+    evals = [r for r in rows if "bbox/AP" in r]
+    assert evals and all(0 < r["wall/minutes"] < 10 for r in evals)
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import plot_metrics
+
+    png = tmp_path / "two_runs.png"
+    metrics = str(out / "metrics.json")
+    assert plot_metrics.main([metrics, metrics, "--label", "a", "--label", "b", "--x", "minutes",
+                              "--output", str(png)]) == 0
+    assert png.stat().st_size > 0
+    # a metrics file without wall times (another trainer) is a one-line error naming it
+    bare = tmp_path / "metrics.json"
+    bare.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "wall/minutes"}) for r in rows))
+    assert plot_metrics.main([str(bare), "--x", "minutes", "--output", str(png)]) == 1
+    assert plot_metrics.main([str(bare), "--output", str(png)]) == 0
+
+
 def test_class_count_comes_from_the_registered_dataset(trained):
     out, log = trained
     # the synthetic config says 5; the tiny dataset has 3 categories
