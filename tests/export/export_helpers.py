@@ -1,5 +1,7 @@
 """Models and inputs for the export tests: random weights with nothing left at an identity or zero init (BN
-statistics, PReLU slopes, the last box layer, anchors) so that a mix-up in the exported graph shows."""
+statistics, PReLU slopes, the last box layer, anchors; in deformable models also the sampling offsets and
+attention weights, GroupNorm, the zero biases and the two-stage proposal norm) so that a mix-up in the exported
+graph shows."""
 import os
 
 import torch
@@ -7,12 +9,17 @@ from detectron2.config import LazyConfig, instantiate
 from torch import nn
 
 import dab_detr  # noqa: F401  (registers the meta-architectures)
+from dab_detr.modeling.ms_deform_attn import MSDeformAttn
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def perturb_(model: nn.Module, seed: int = 1) -> nn.Module:
-    """In place: random BN / FrozenBN statistics and affine, PReLU slopes, box-MLP last layers and anchors."""
+    """In place: random BN / FrozenBN statistics and affine, PReLU slopes, box-MLP last layers and anchors; in
+    deformable attention, query-dependent sampling offsets (their ring init is kept as the bias) and attention
+    weights (zero-initialised: uniform weights, offsets independent of the query) and the value / output biases;
+    GroupNorm affine, the input projections' zero conv biases and the two-stage proposal LayerNorm. DAB-DETR has
+    none of the latter, so its weights are the same as before they were added."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -21,6 +28,17 @@ def perturb_(model: nn.Module, seed: int = 1) -> nn.Module:
                 module.bias.normal_(0, 0.1, generator=g)
                 module.running_mean.normal_(0, 0.1, generator=g)
                 module.running_var.uniform_(0.5, 1.5, generator=g)
+            elif isinstance(module, MSDeformAttn):
+                module.sampling_offsets.weight.normal_(0, 0.02, generator=g)
+                module.attention_weights.weight.normal_(0, 0.02, generator=g)
+                module.attention_weights.bias.normal_(0, 0.5, generator=g)
+                module.value_proj.bias.normal_(0, 0.02, generator=g)
+                module.output_proj.bias.normal_(0, 0.02, generator=g)
+            elif isinstance(module, nn.GroupNorm) or (isinstance(module, nn.LayerNorm) and "enc_output_norm" in name):
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.normal_(0, 0.1, generator=g)
+            elif isinstance(module, nn.Conv2d) and module.bias is not None and not module.bias.any():
+                module.bias.normal_(0, 0.02, generator=g)
             elif isinstance(module, nn.PReLU):
                 module.weight.uniform_(0.1, 0.4, generator=g)
             elif isinstance(module, nn.Linear) and "bbox_embed" in name:
