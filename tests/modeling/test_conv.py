@@ -47,6 +47,15 @@ def test_other_convolutions_stay_conv2d(monkeypatch, kwargs, memory_format):
     assert torch.equal(module(x), F.conv2d(x, module.weight, module.bias, module.stride, module.padding))
 
 
+def test_inference_stays_conv2d(monkeypatch):
+    """Without gradients oneDNN's convolution is as fast: the GEMM form is for training."""
+    module = Conv2d(6, 4, kernel_size=1)
+    x = torch.randn(2, 6, 6, 6).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(conv_module._PointwiseConvNHWC, "apply", lambda *a: pytest.fail("took the GEMM path"))
+    with torch.no_grad():
+        assert torch.equal(module(x), F.conv2d(x, module.weight, module.bias))
+
+
 def test_pointwise_conv_output_takes_in_place_ops_like_a_convolution_output():
     """ResNet blocks add the shortcut and apply ReLU in place on a 1x1 convolution's output."""
     g = torch.Generator().manual_seed(1)
