@@ -5,9 +5,9 @@ The model, data and optimiser of `dab_detr_synthetic.py`, plus what the measurem
   1,125 of the same run (README "Getting started"); it costs ~7% per step;
 - bf16 autocast on the CPU (`train.amp.enabled`; attention and the matcher stay fp32): a step takes ~0.64x the
   fp32 time on one thread, less of a gain on two (README "Benchmarks"), so more iterations fit in the same minutes;
-- 3,000 iterations x 16 = 48,000 images = 16 epochs, cosine to 5 %: a step took 0.17-0.30 s with 2 threads on
-  this VM within one day (its speed drifts from hour to hour), so ~9-14 minutes of training; 2,400 iterations
-  (AP50 83.4) were not enough for the AP50 85 that `make train` aims for, 4,500 reach AP50 91.
+- 3,000 iterations x 16 = 48,000 images = 16 epochs, cosine to 5 %: AP 62.8 / AP50 88.8, `make train` in under
+  9 minutes with a step of 0.14-0.17 s on 2 threads (this VM ran the same step at up to 0.31 s in a slow hour:
+  then ~16 minutes). 2,400 iterations (AP50 83.4) were not enough for the AP50 85 we aim for; 4,500 reach 91.
 
 DN on vs off at equal everything else: `--config-file configs/dn_dab_detr_synthetic.py model.head.dn=False`.
 Matching queries keep zero content (no pattern), so `dn` is the one difference between the two.
