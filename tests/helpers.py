@@ -28,3 +28,26 @@ def tiny_multiscale_inputs(seed: int = 0):
     mask[1, 20:] = True
     mask[1, :, 24:] = True
     return feats, mask
+
+
+# ---- denoising training, both heads ----
+def assert_dn_checkpoint_loads_into_plain_head(make_head, caplog):
+    """`make_head(dn: bool)` builds a head. A `dn=True` state dict loads strictly into a `dn=False` head, its
+    training-only label embedding dropped with a log line; the other way round only that key is missing."""
+    import logging
+
+    dn_state = make_head(True).state_dict()
+    plain = make_head(False)
+    with caplog.at_level(logging.INFO, logger="dab_detr.modeling.denoising"):
+        plain.load_state_dict(dn_state)  # strict
+    assert "denoising.label_embed.weight" in caplog.text
+    result = make_head(True).load_state_dict(make_head(False).state_dict(), strict=False)
+    assert result.missing_keys == ["denoising.label_embed.weight"] and not result.unexpected_keys
+
+
+def assert_label_embedding_gradient(head, has_targets: bool):
+    """After a backward: the denoising label embedding is in the graph every step (DDP needs it), with a finite
+    gradient that is nonzero exactly when the batch had targets."""
+    grad = head.denoising.label_embed.weight.grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert bool(grad.any()) == has_targets

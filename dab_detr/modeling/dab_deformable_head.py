@@ -4,7 +4,6 @@ Multi-scale input projections (1x1 conv + GroupNorm(32) per backbone level, then
 extra levels), sine position encoding per level, the deformable transformer, learnable anchors and content
 queries (single-stage) or encoder proposals (two-stage), and one class head per decoder layer.
 """
-import logging
 import math
 from typing import Dict, Optional, Sequence
 
@@ -13,13 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_detector_args, positive_ints
-from .dab_detr_head import DN_LABEL_EMBED_KEY, _init_anchors
+from .dab_detr_head import _init_anchors
 from .deformable_transformer import DabDeformableTransformer
-from .denoising import DenoisingGenerator, split_denoising_outputs
+from .denoising import DenoisingGenerator, drop_label_embedding, split_denoising_outputs
 from .position_encoding import PositionEmbeddingSine
 from .targets import TargetBatch
-
-logger = logging.getLogger(__name__)
 
 
 class DabDeformableDetrHead(nn.Module):
@@ -181,10 +178,8 @@ class DabDeformableDetrHead(nn.Module):
         return srcs, masks, pos
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.denoising is None and prefix + DN_LABEL_EMBED_KEY in state_dict:
-            state_dict.pop(prefix + DN_LABEL_EMBED_KEY)
-            logger.info(f"Dropped {prefix + DN_LABEL_EMBED_KEY}: the denoising label embedding is only used in "
-                        "training with dn=True")
+        if self.denoising is None:
+            drop_label_embedding(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(

@@ -1,7 +1,6 @@
 """The DAB-DETR detector minus the backbone: input projection, position embedding, transformer, anchors, heads.
 
 Paper: DAB-DETR, Liu et al., ICLR 2022, arXiv 2201.12329 (docs/design.md)."""
-import logging
 import math
 from typing import Dict, List, Optional
 
@@ -9,15 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from .box_ops import inverse_sigmoid
-from .denoising import DenoisingGenerator, split_denoising_outputs
+from .denoising import DenoisingGenerator, drop_label_embedding, split_denoising_outputs
 from .position_encoding import PositionEmbeddingSine
 from .targets import TargetBatch
 from .checks import check_detector_args, positive_ints
 from .conv import Conv2d
 from .transformer import QUERY_SCALE_TYPES, DabDetrTransformer
-
-DN_LABEL_EMBED_KEY = "denoising.label_embed.weight"
-logger = logging.getLogger(__name__)
 
 
 class DabDetrHead(nn.Module):
@@ -149,10 +145,8 @@ class DabDetrHead(nn.Module):
             state_dict[xy], state_dict[wh] = weight[:, :2], weight[:, 2:]
         elif not self.freeze_anchor_xy and xy in state_dict and wh in state_dict:
             state_dict[full] = torch.cat((state_dict.pop(xy), state_dict.pop(wh)), dim=1)
-        if self.denoising is None and prefix + DN_LABEL_EMBED_KEY in state_dict:
-            state_dict.pop(prefix + DN_LABEL_EMBED_KEY)
-            logger.info(f"Dropped {prefix + DN_LABEL_EMBED_KEY}: the denoising label embedding is only used in "
-                        "training with dn=True")
+        if self.denoising is None:
+            drop_label_embedding(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: Tensor, mask: Tensor, targets: Optional[TargetBatch] = None) -> Dict[str, object]:

@@ -9,6 +9,7 @@ Query layout in training (Sec. 3.4, Fig. 4): `[group 0 | ... | group G-1 | match
 `M` slots, M = the largest target count in the batch; image b's `n_b` targets fill the first n_b slots of every
 group (the same target order in each group), its remaining slots are padding (zero content, centre anchor).
 """
+import logging
 from typing import Dict, List, NamedTuple, Sequence
 
 import torch
@@ -18,6 +19,19 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 
 from .box_ops import inverse_sigmoid
 from .targets import TargetBatch
+
+logger = logging.getLogger(__name__)
+
+LABEL_EMBED_KEY = "denoising.label_embed.weight"  # a head's `denoising` = DenoisingGenerator, training-only
+
+
+def drop_label_embedding(state_dict: Dict[str, Tensor], prefix: str) -> None:
+    """For a head built with `dn=False`: remove a denoising-trained checkpoint's label embedding (used only in
+    training) from `state_dict` before it loads, with a log line, so that the load stays strict."""
+    key = prefix + LABEL_EMBED_KEY
+    if key in state_dict:
+        state_dict.pop(key)
+        logger.info(f"Dropped {key}: the denoising label embedding is only used in training with dn=True")
 
 
 class DenoisingLayout(NamedTuple):

@@ -1,5 +1,4 @@
 """Denoising training (DN-DETR) on DAB-Deformable-DETR: eval unchanged, the mask, DN losses, checkpoints."""
-import logging
 
 import pytest
 import torch
@@ -8,7 +7,9 @@ from dab_detr.modeling.criterion import SetCriterion
 from dab_detr.modeling.dab_deformable_head import DabDeformableDetrHead
 from dab_detr.modeling.matcher import HungarianMatcher
 from dab_detr.modeling.targets import check_target_batch
-from tests.helpers import tiny_multiscale_inputs
+from tests.helpers import (
+    assert_dn_checkpoint_loads_into_plain_head, assert_label_embedding_gradient, tiny_multiscale_inputs,
+)
 
 NUM_CLASSES = 5
 NUM_QUERIES = 7
@@ -133,19 +134,11 @@ def test_dn_losses_on_every_layer_are_finite_also_without_targets(two_stage, siz
     else:
         assert all(losses[k].item() > 0.0 for k in dn_keys)
     total.backward()
-    grad = head.denoising.label_embed.weight.grad
-    assert grad is not None and torch.isfinite(grad).all()  # in the graph every step (DDP needs it)
-    assert bool(grad.any()) == (sum(sizes) > 0)
+    assert_label_embedding_gradient(head, sum(sizes) > 0)
 
 
 def test_dn_checkpoint_loads_into_the_plain_model_and_drops_the_label_embedding(caplog):
-    dn_state = _head(True).state_dict()
-    plain = _head(False)
-    with caplog.at_level(logging.INFO, logger="dab_detr.modeling.dab_deformable_head"):
-        plain.load_state_dict(dn_state)  # strict
-    assert "denoising.label_embed.weight" in caplog.text
-    result = _head(True).load_state_dict(_head(False).state_dict(), strict=False)
-    assert result.missing_keys == ["denoising.label_embed.weight"] and not result.unexpected_keys
+    assert_dn_checkpoint_loads_into_plain_head(_head, caplog)
 
 
 def test_bad_denoising_groups_is_a_one_line_error():

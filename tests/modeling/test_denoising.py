@@ -1,5 +1,4 @@
 """Denoising training (DN-DETR): query layout, attention mask, noise, losses, and the head with `dn` on."""
-import logging
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from dab_detr.modeling.denoising import (
 )
 from dab_detr.modeling.matcher import HungarianMatcher
 from dab_detr.modeling.targets import check_target_batch
+from tests.helpers import assert_dn_checkpoint_loads_into_plain_head, assert_label_embedding_gradient
 
 SMALL = dict(hidden_dim=32, num_queries=6, nheads=4, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=64)
 NUM_CLASSES = 5
@@ -274,17 +274,8 @@ def test_images_without_targets_train_with_finite_losses(sizes):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    grad = head.denoising.label_embed.weight.grad
-    assert grad is not None and torch.isfinite(grad).all()  # in the graph every step (DDP needs it)
-    assert bool(grad.any()) == (sum(sizes) > 0)
+    assert_label_embedding_gradient(head, sum(sizes) > 0)
 
 
 def test_dn_checkpoint_loads_into_the_plain_model_and_drops_the_label_embedding(caplog):
-    dn_state = _head(True).state_dict()
-    plain = _head(False)
-    with caplog.at_level(logging.INFO, logger="dab_detr.modeling.dab_detr_head"):
-        plain.load_state_dict(dn_state)  # strict
-    assert "denoising.label_embed.weight" in caplog.text
-    dn = _head(True)
-    result = dn.load_state_dict(_head(False).state_dict(), strict=False)
-    assert result.missing_keys == ["denoising.label_embed.weight"] and not result.unexpected_keys
+    assert_dn_checkpoint_loads_into_plain_head(_head, caplog)
