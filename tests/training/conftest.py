@@ -33,3 +33,17 @@ def tiny_coco(tmp_path_factory):
         split: (os.path.join(folder, "annotations", f"instances_{split}.json"), os.path.join(folder, split))
         for split in ("train", "val")
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_coco_args(tiny_coco):
+    """tools/train_net.py arguments that register `tiny_coco` and train / evaluate on it, loading in-process."""
+    (train_json, train_root), (val_json, val_root) = tiny_coco["train"], tiny_coco["val"]
+    return [
+        "--register-coco", "tiny_train", train_json, train_root,
+        "--register-coco", "tiny_val", val_json, val_root,
+        "dataloader.train.dataset.names=tiny_train",
+        "dataloader.test.dataset.names=tiny_val",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+    ]

@@ -30,19 +30,13 @@ def copypaste_metrics(log):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_coco, tiny_model_overrides, tmp_path_factory):
+def trained(tiny_coco_args, tiny_model_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_out")
-    (train_json, train_root), (val_json, val_root) = tiny_coco["train"], tiny_coco["val"]
     log = run_train_net(
         [
             "--config-file", CONFIG,
-            "--register-coco", "tiny_train", train_json, train_root,
-            "--register-coco", "tiny_val", val_json, val_root,
-            "dataloader.train.dataset.names=tiny_train",
-            "dataloader.test.dataset.names=tiny_val",
+            *tiny_coco_args,
             "dataloader.train.total_batch_size=4",
-            "dataloader.train.num_workers=0",
-            "dataloader.test.num_workers=0",
             "train.max_iter=40",
             "train.log_period=1",
             "train.eval_period=1000",

@@ -10,18 +10,12 @@ CONFIG = os.path.join(REPO, "configs", "dab_deformable_detr_synthetic.py")
 
 
 @pytest.mark.slow
-def test_train_net_runs_dn_deformable_with_finite_dn_losses(tiny_coco, tiny_model_overrides, tmp_path):
-    (train_json, train_root), (val_json, val_root) = tiny_coco["train"], tiny_coco["val"]
+def test_train_net_runs_dn_deformable_with_finite_dn_losses(tiny_coco_args, tiny_model_overrides, tmp_path):
     run_train_net(
         [
             "--config-file", CONFIG,
-            "--register-coco", "tiny_train", train_json, train_root,
-            "--register-coco", "tiny_val", val_json, val_root,
-            "dataloader.train.dataset.names=tiny_train",
-            "dataloader.test.dataset.names=tiny_val",
+            *tiny_coco_args,
             "dataloader.train.total_batch_size=2",
-            "dataloader.train.num_workers=0",
-            "dataloader.test.num_workers=0",
             "train.max_iter=3",
             "train.log_period=1",
             "train.eval_period=1000",
