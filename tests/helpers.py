@@ -31,6 +31,19 @@ def tiny_multiscale_inputs(seed: int = 0):
 
 
 # ---- denoising training, both heads ----
+def random_target_batch(sizes, num_classes: int, seed: int = 0):
+    """A checked `TargetBatch` of `sizes[b]` random targets per image: boxes (cx, cy, w, h) with centres in
+    [0.25, 0.75] and sizes in [0.1, 0.4]."""
+    from dab_detr.modeling.targets import check_target_batch
+
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    labels = torch.randint(0, num_classes, (total,), generator=g)
+    centres = torch.rand(total, 2, generator=g) * 0.5 + 0.25
+    boxes = torch.cat((centres, torch.rand(total, 2, generator=g) * 0.3 + 0.1), 1)
+    return check_target_batch(labels, boxes, sizes, num_classes)
+
+
 def assert_dn_checkpoint_loads_into_plain_head(make_head, caplog):
     """`make_head(dn: bool)` builds a head. A `dn=True` state dict loads strictly into a `dn=False` head, its
     training-only label embedding dropped with a log line; the other way round only that key is missing."""

@@ -6,9 +6,9 @@ import torch
 from dab_detr.modeling.criterion import SetCriterion
 from dab_detr.modeling.dab_deformable_head import DabDeformableDetrHead
 from dab_detr.modeling.matcher import HungarianMatcher
-from dab_detr.modeling.targets import check_target_batch
 from tests.helpers import (
-    assert_dn_checkpoint_loads_into_plain_head, assert_label_embedding_gradient, tiny_multiscale_inputs,
+    assert_dn_checkpoint_loads_into_plain_head, assert_label_embedding_gradient, random_target_batch,
+    tiny_multiscale_inputs,
 )
 
 NUM_CLASSES = 5
@@ -37,12 +37,7 @@ def _randomised_pair(two_stage=False, **kwargs):
 
 
 def _targets(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    total = sum(sizes)
-    labels = torch.randint(0, NUM_CLASSES, (total,), generator=g)
-    centres = torch.rand(total, 2, generator=g) * 0.5 + 0.25
-    boxes = torch.cat((centres, torch.rand(total, 2, generator=g) * 0.3 + 0.1), 1)
-    return check_target_batch(labels, boxes, sizes, NUM_CLASSES)
+    return random_target_batch(sizes, NUM_CLASSES, seed)
 
 
 def _assert_same_outputs(a, b, equal):

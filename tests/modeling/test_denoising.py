@@ -16,20 +16,16 @@ from dab_detr.modeling.denoising import (
     denoising_losses,
 )
 from dab_detr.modeling.matcher import HungarianMatcher
-from dab_detr.modeling.targets import check_target_batch
-from tests.helpers import assert_dn_checkpoint_loads_into_plain_head, assert_label_embedding_gradient
+from tests.helpers import (
+    assert_dn_checkpoint_loads_into_plain_head, assert_label_embedding_gradient, random_target_batch,
+)
 
 SMALL = dict(hidden_dim=32, num_queries=6, nheads=4, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=64)
 NUM_CLASSES = 5
 
 
 def _targets(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    total = sum(sizes)
-    labels = torch.randint(0, NUM_CLASSES, (total,), generator=g)
-    centres = torch.rand(total, 2, generator=g) * 0.5 + 0.25
-    boxes = torch.cat((centres, torch.rand(total, 2, generator=g) * 0.3 + 0.1), 1)
-    return check_target_batch(labels, boxes, sizes, NUM_CLASSES)
+    return random_target_batch(sizes, NUM_CLASSES, seed)
 
 
 def _head(dn, **kwargs):
