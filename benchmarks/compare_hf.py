@@ -19,11 +19,8 @@ them alternately (ABBA order, medians after warm-up, the same input and thread c
   measured in the same run;
 - `synthetic` size: one training step of the `configs/dab_detr_synthetic.py` model (what `make train` trains; batch
   16 of 128x128: forward + loss + backward + clip 1.0 + its AdamW, as the trainer runs it from detectron2 inputs)
-  against HF's model of nearly the same size (`benchmarks.models.hf_synthetic`) with fused AdamW (HF Trainer's
-  default) at the same lr; different weights (the architectures differ), so no agreement check there.
-  Row `synthetic_res4_train_step_ms`, timed in the same rotation: the same model of ours read at res4 (its res5 not
-  built: stem + res2-res4 forward and backward, 2.10 M parameters, not the model `make train` trains) against the
-  same HF step (its backbone runs stage1-stage3 forward and backward and its stage4 forward only, unused).
+  against HF's model built the same (`benchmarks.models.hf_synthetic`: the same layers, 2,097,705 parameters each)
+  with fused AdamW (HF Trainer's default) at the same lr; different random weights, so no agreement check there.
 The machine's load (load average, busy cores outside this process) is recorded: rerun when others were busy.
 
 `--device cuda` runs the same comparison on a GPU (timings synchronised with the device, peak memory from the CUDA
@@ -157,27 +154,23 @@ def time_synthetic_training(report, plan, device: str, amp: bool, cpu_time: bool
     hf.to(device).train()
     images, targets = make_images(batch, size, device=device), make_targets(batch, device=device, num_classes=5,
                                                                              sizes=[1 + i % 6 for i in range(batch)])
-    steps, params = {}, {"hf": sum(p.numel() for p in hf.parameters())}
-    for name, in_feature in (("ours", "res5"), ("ours_res4", "res4")):
-        model, cfg = ours_synthetic(in_feature=in_feature)
-        model.to(device).train()
-        cfg.optimizer.params.model = model
-        clip = cfg.train.clip_grad.max_norm
-        steps[name] = ours_full_train_step(model, as_batched_inputs(images, targets), amp,
-                                           optimizer=instantiate(cfg.optimizer), clip_max_norm=clip)
-        params[name] = sum(p.numel() for p in model.parameters())
-    steps["hf"] = hf_train_step(hf, images, targets, amp, optimizer=adamw(hf, lr=cfg.optimizer.lr,
-                                                                          weight_decay=cfg.optimizer.weight_decay),
-                                clip_max_norm=clip)
+    model, cfg = ours_synthetic()
+    model.to(device).train()
+    cfg.optimizer.params.model = model
+    clip = cfg.train.clip_grad.max_norm
+    steps = {
+        "ours": ours_full_train_step(model, as_batched_inputs(images, targets), amp,
+                                     optimizer=instantiate(cfg.optimizer), clip_max_norm=clip),
+        "hf": hf_train_step(hf, images, targets, amp,
+                            optimizer=adamw(hf, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay),
+                            clip_max_norm=clip),
+    }
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("ours", model), ("hf", hf))}
     clock = time.process_time if cpu_time else time.perf_counter
     times = measure.alternate(steps, plan["warmup"], plan["synthetic_runs"], device, clock=clock)
     ms = measure.median_ms(times)
-    clock_name = "process CPU time" if cpu_time else "wall"
     report.add("synthetic_train_step_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["synthetic_runs"],
-               params={"ours": params["ours"], "hf": params["hf"]}, clock=clock_name)
-    report.add("synthetic_res4_train_step_ms", ms["ours_res4"], ms["hf"], shape=shape, runs=plan["synthetic_runs"],
-               params={"ours": params["ours_res4"], "hf": params["hf"]}, clock=clock_name,
-               note="ours read at res4 (res5 not built; not the make-train model); HF unchanged")
+               params=params, clock="process CPU time" if cpu_time else "wall")
 
 
 def flop_efficiency(report, ours, hf, images: torch.Tensor, gemm: float) -> None:

@@ -76,15 +76,15 @@ def hf_r50(num_classes: int = NUM_CLASSES, seed: int = 0, freeze_stem: bool = Tr
 
 
 def hf_synthetic(num_classes: int = SYNTHETIC_CLASSES, seed: int = 0):
-    """HF's DAB-DETR at the size of `configs/dab_detr_synthetic.py`: HF's basic-block ResNet 32/64/128/256 read at
-    stride 16 (`stage3`: it has no stride-1 last stage, so it lacks our last 256-wide stage), trainable BN, d=128,
-    8 heads, 3+3 layers, FFN 512, 30 queries, dropout 0 (3.02 M parameters vs our 3.03 M)."""
+    """HF's DAB-DETR built as the model of `configs/dab_detr_synthetic.py`: HF's basic-block ResNet (stem 32, three
+    stages of one block, 32/64/128 wide) read at `stage3` (stride 16), trainable BN, d=128, 8 heads, 3+3 layers,
+    FFN 512, 30 queries, dropout 0. The same layers as ours: 2,097,705 parameters on both sides."""
     import transformers
 
     config = transformers.DabDetrConfig(
         use_pretrained_backbone=False, use_timm_backbone=False,
         backbone_config=transformers.ResNetConfig(
-            layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+            layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
             out_features=["stage3"],
         ),
         num_labels=num_classes, hidden_size=128, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=512,
@@ -128,15 +128,12 @@ def ours_r50(state_dict: Dict[str, torch.Tensor], hf_format: bool, num_classes: 
     return model
 
 
-def ours_synthetic(num_classes: int = SYNTHETIC_CLASSES, seed: int = 0, in_feature: str = "res5"):
-    """The model of `configs/dab_detr_synthetic.py` (what `make train` trains), and its optimizer config.
-    `in_feature="res4"`: the same model read at res4, so that res5 is not built (not what `make train` trains)."""
+def ours_synthetic(num_classes: int = SYNTHETIC_CLASSES, seed: int = 0):
+    """The model of `configs/dab_detr_synthetic.py` (what `make train` trains), and its config (for the optimizer)."""
     from detectron2.config import LazyConfig, instantiate
 
     cfg = LazyConfig.load(os.path.join(CONFIG_DIR, "dab_detr_synthetic.py"))
     cfg.model.num_classes = num_classes
-    cfg.model.backbone.out_features = [in_feature]
-    cfg.model.in_feature = in_feature
     torch.manual_seed(seed)
     model = instantiate(cfg.model)
     return model, cfg

@@ -16,15 +16,17 @@ def small_resnet_stages(
     strides: Sequence[int] = (1, 2, 2, 1),
     norm: str = "BN",
 ) -> List[list]:
-    """Stages res2..res5 of a basic-block ResNet, for `ResNet(stem=BasicStem(out_channels=stem_width), stages=...)`.
+    """Stages res2..res(N+1) of a basic-block ResNet (N = 1-4 entries per list), for
+    `ResNet(stem=BasicStem(out_channels=stem_width), stages=...)`.
 
-    The default last stride of 1 keeps res5 at stride 16: small images then still give the encoder enough tokens
-    (128 px -> 8x8). Trainable BN (`norm="BN"`) because FrozenBN is an identity when nothing was pretrained.
+    With strides (1, 2, 2) the last stage, res4, is at stride 16, so small images still give the encoder enough
+    tokens (128 px -> 8x8); a stride-1 res5 after it would stay at stride 16 too. Trainable BN (`norm="BN"`)
+    because FrozenBN is an identity when nothing was pretrained.
     """
-    if not (len(depths) == len(widths) == len(strides) == 4):
+    if not (1 <= len(depths) <= 4 and len(depths) == len(widths) == len(strides)):
         raise ValueError(
-            f"small_resnet_stages: depths, widths and strides need 4 entries each (res2..res5), got "
-            f"{list(depths)}, {list(widths)}, {list(strides)}"
+            f"small_resnet_stages: depths, widths and strides need the same number of entries, 1 to 4 "
+            f"(res2..res5), got {list(depths)}, {list(widths)}, {list(strides)}"
         )
     stages, in_channels = [], stem_width
     for name, depth, width, stride in zip(("res2", "res3", "res4", "res5"), depths, widths, strides):

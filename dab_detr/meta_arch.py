@@ -163,15 +163,20 @@ class DABDETR(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise each `(C, H, W)` image and pad them into one batch (padding = 0 after normalisation)."""
-        images = []
-        for x in batched_inputs:
-            image = x["image"]
+        """Normalise each `(C, H, W)` image and pad them into one batch (padding = 0 after normalisation). Images of
+        one size that needs no padding (a training batch of fixed-size crops) are stacked and normalised at once."""
+        images = [x["image"] for x in batched_inputs]
+        for image in images:
             if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
                 raise ValueError(
                     f"DABDETR: 'image' must be ({self.pixel_mean.shape[0]}, H, W), got {tuple(image.shape)}"
                 )
-            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        divisor = max(self.size_divisibility, 1)
+        size = images[0].shape[-2:]
+        if all(image.shape[-2:] == size for image in images) and size[0] % divisor == 0 and size[1] % divisor == 0:
+            batch = (torch.stack(images).to(self.device) - self.pixel_mean) / self.pixel_std
+            return ImageList(batch, [tuple(size)] * len(images))
+        images = [(image.to(self.device) - self.pixel_mean) / self.pixel_std for image in images]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     @staticmethod

@@ -52,6 +52,8 @@ def test_quick_run_reports_agreement_and_every_metric(tmp_path):
         assert row["ours"] > 0 and row["hf"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
     assert rows["gemm_efficiency"]["ours"] > 0
     assert rows["train_step_512_ms"]["trainable_params"] > 0
+    params = rows["synthetic_train_step_ms"]["params"]  # the make-train model against HF's built the same
+    assert params["ours"] == params["hf"] > 0
     # throughput rows (the GPU figures' format): FPS and images/s are the inverse of the timings
     assert rows["infer_fps_96x96"]["ours"] == pytest.approx(1e3 / rows["infer_640_ms"]["ours"])
     assert rows["train_images_per_s_64x64"]["hf"] == pytest.approx(2e3 / rows["train_step_512_ms"]["hf"])

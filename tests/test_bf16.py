@@ -61,8 +61,8 @@ def test_attention_under_cpu_autocast_is_fp32_attention_of_the_bf16_inputs():
 
 
 def test_prelu_bf16_path_is_prelu_in_value_and_gradient():
-    """The FFN's PReLU computes bf16 CPU inputs as relu(x) - a * relu(-x): the same function and gradients as
-    F.prelu (to bf16 rounding) away from x = 0, the same parameter; fp32 inputs take F.prelu itself."""
+    """The FFN's PReLU (own backward in training; bf16 CPU inputs as relu(x) - a * relu(-x)) computes F.prelu's
+    value and gradients: in fp32 to float rounding, x = 0 included (slope a there); in bf16 to bf16 rounding."""
     from dab_detr.modeling.transformer import PReLU
 
     act = PReLU()
@@ -70,20 +70,26 @@ def test_prelu_bf16_path_is_prelu_in_value_and_gradient():
         act.weight.fill_(0.3)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 7, 32, generator=g)
+    x[0, 0, :5] = 0.0
     grad = torch.randn(4, 7, 32, generator=g)
 
-    got_x = x.bfloat16().requires_grad_()
-    got = act(got_x)
-    got.backward(grad.bfloat16())
-    got_w = act.weight.grad.clone()
-    act.weight.grad = None
-    ref_x = x.bfloat16().float().requires_grad_()
-    ref = torch.nn.functional.prelu(ref_x, act.weight)
-    ref.backward(grad.bfloat16().float())
+    def value_and_grads(fn, x, grad):
+        x = x.clone().requires_grad_()
+        act.weight.grad = None
+        out = fn(x)
+        out.backward(grad)
+        return out, x.grad, act.weight.grad.clone()
 
-    assert got.dtype == torch.bfloat16 and act.weight.dtype == torch.float32
-    torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(got_x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(got_w, act.weight.grad, rtol=2e-2, atol=1e-2)
-    with torch.no_grad():  # fp32: exactly F.prelu
+    reference = value_and_grads(lambda x: torch.nn.functional.prelu(x, act.weight), x, grad)
+    for got, expected in zip(value_and_grads(act, x, grad), reference):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+
+    got = value_and_grads(act, x.bfloat16(), grad.bfloat16())
+    expected = value_and_grads(lambda x: torch.nn.functional.prelu(x, act.weight),
+                               x.bfloat16().float(), grad.bfloat16().float())
+    assert got[0].dtype == torch.bfloat16 and act.weight.dtype == torch.float32
+    torch.testing.assert_close(got[0].float(), expected[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1].float(), expected[1], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # without gradients, fp32: exactly F.prelu
         assert torch.equal(act(x), torch.nn.functional.prelu(x, act.weight))

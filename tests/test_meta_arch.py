@@ -89,6 +89,21 @@ def test_an_images_result_does_not_depend_on_the_rest_of_the_batch():
     _assert_same_instances(first[1]["instances"], second[1]["instances"])  # the neighbour's pixels do not leak
 
 
+@pytest.mark.parametrize("sizes", [[(64, 96), (64, 96)], [(64, 96), (40, 30)], [(70, 90), (70, 90)]])
+def test_preprocess_normalises_and_pads_with_zeros(sizes):
+    """One-size batches that need no padding are stacked and normalised at once; the result is the per-image
+    normalisation padded with zeros to the size divisibility, bitwise, whichever way it was computed."""
+    model = _tiny_model()
+    images = [_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    got = model.preprocess_image([{"image": image} for image in images])
+    d = model.size_divisibility
+    expected = torch.zeros(len(images), 3, -(-max(h for h, _ in sizes) // d) * d, -(-max(w for _, w in sizes) // d) * d)
+    for i, image in enumerate(images):
+        expected[i, :, : image.shape[1], : image.shape[2]] = (image - model.pixel_mean) / model.pixel_std
+    assert torch.equal(got.tensor, expected)
+    assert got.image_sizes == [tuple(size) for size in sizes]
+
+
 def test_padding_mask_marks_cells_without_image_pixels():
     images = ImageList(torch.zeros(2, 3, 96, 96), [(96, 96), (40, 30)])
     mask = DABDETR.padding_mask(images, (3, 3))  # stride 32: cell (i, j) holds pixel rows 32i.., columns 32j..
