@@ -47,13 +47,18 @@ def test_other_convolutions_stay_conv2d(monkeypatch, kwargs, memory_format):
     assert torch.equal(module(x), F.conv2d(x, module.weight, module.bias, module.stride, module.padding))
 
 
-def test_inference_stays_conv2d(monkeypatch):
-    """Without gradients oneDNN's convolution is as fast: the GEMM form is for training."""
+@pytest.mark.parametrize("threads, batch, gemm", [(2, 2, False), (1, 16, False), (1, 2, True)])
+def test_inference_takes_the_gemm_only_where_torch_would_not_use_onednn(monkeypatch, threads, batch, gemm):
+    """Without gradients oneDNN's convolution is as fast; torch skips it for one thread and batches under 16."""
     module = Conv2d(6, 4, kernel_size=1)
-    x = torch.randn(2, 6, 6, 6).contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(conv_module._PointwiseConvNHWC, "apply", lambda *a: pytest.fail("took the GEMM path"))
+    x = torch.randn(batch, 6, 6, 6).contiguous(memory_format=torch.channels_last)
+    calls = []
+    apply = conv_module._PointwiseConvNHWC.apply
+    monkeypatch.setattr(conv_module._PointwiseConvNHWC, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(conv_module.torch, "get_num_threads", lambda: threads)
     with torch.no_grad():
-        assert torch.equal(module(x), F.conv2d(x, module.weight, module.bias))
+        torch.testing.assert_close(module(x), F.conv2d(x, module.weight, module.bias))
+    assert calls == ([1] if gemm else [])
 
 
 def test_pointwise_conv_output_takes_in_place_ops_like_a_convolution_output():
