@@ -18,6 +18,17 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+# ---- configs/dab_detr_synthetic.py shrunk (dedupe) ----
+# Command-line overrides that make the synthetic DAB-DETR config a model that trains a step in ~50 ms; callers add
+# their own on top (later overrides win). Two decoder layers: with one, the decoder's `query_scale` MLP gets no
+# gradient and DDP (find_unused_parameters=False) refuses to run.
+TINY_SYNTHETIC_OVERRIDES = (
+    "model.backbone.stem.out_channels=8", "model.backbone.stages.stem_width=8",
+    "model.backbone.stages.widths=[8,16,32]", "model.head.hidden_dim=32", "model.head.nheads=4",
+    "model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2", "model.head.dim_feedforward=64",
+)
+
+
 # ---- multi-scale inputs for the deformable heads ----
 def tiny_multiscale_inputs(seed: int = 0):
     """Backbone maps at strides 4 and 8 of a 32x40 batch of 2 (8 and 16 channels); image 1 is 20x24 (padded right

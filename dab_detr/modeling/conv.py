@@ -70,12 +70,13 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Pa
     autocast, with gradients enabled (training) or where torch would not use oneDNN, computed as GEMMs over the
     pixels (`_PointwiseConvNHWC`), the output channels_last. Traced and exported graphs keep the convolution."""
     if (
-        weight.shape[-2:] == (1, 1) and groups == 1 and _all_equal(stride, 1) and _all_equal(dilation, 1)
+        # first, so that traced graphs see no test of the input's shape
+        not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+        and weight.shape[-2:] == (1, 1) and groups == 1 and _all_equal(stride, 1) and _all_equal(dilation, 1)
         and _all_equal(padding, 0) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
         and not torch.is_autocast_enabled(x.device.type)
         and (torch.is_grad_enabled() or _im2col_fallback(x))
-        and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
     ):
         return _PointwiseConvNHWC.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

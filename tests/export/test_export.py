@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from dab_detr.export import ExportableDetector, ExportError, check_onnx_opset, export_onnx, export_program
 
 from export_helpers import ROOT, build_model, three_inputs
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -19,11 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 SCORE_TOL = 1e-4
 BOX_TOL = 1e-3  # pixels
 
-TINY_SYNTHETIC = [
-    "model.backbone.stem.out_channels=8", "model.backbone.stages.stem_width=8",
-    "model.backbone.stages.widths=[8,16,32,32]", "model.head.hidden_dim=32", "model.head.nheads=4",
-    "model.head.num_encoder_layers=2", "model.head.num_decoder_layers=2", "model.head.dim_feedforward=64",
-]
+TINY_SYNTHETIC = [*TINY_SYNTHETIC_OVERRIDES, "model.head.num_encoder_layers=2"]
 MODELS = {
     "synthetic": ("configs/dab_detr_synthetic.py", TINY_SYNTHETIC),
     "deformable_synthetic": ("configs/dab_deformable_detr_synthetic.py",

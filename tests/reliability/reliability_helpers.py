@@ -17,26 +17,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 CONFIG = os.path.join(REPO, "configs", "dab_detr_synthetic.py")
 CATEGORIES = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}, {"id": 3, "name": "blue"}]
 COLORS = {1: (230, 30, 30), 2: (30, 230, 30), 3: (30, 30, 230)}
 
-# configs/dab_detr_synthetic.py shrunk to a model that trains a step in ~50 ms. Two decoder layers: with one,
-# the decoder's `query_scale` MLP gets no gradient and DDP (find_unused_parameters=False) refuses to run.
-TINY_MODEL = [
-    "model.backbone.stem.out_channels=8",
-    "model.backbone.stages.stem_width=8",
-    "model.backbone.stages.widths=[8,16,32,32]",
-    "model.head.hidden_dim=32",
-    "model.head.nheads=4",
-    "model.head.num_encoder_layers=1",
-    "model.head.num_decoder_layers=2",
-    "model.head.dim_feedforward=64",
-    "model.head.num_queries=10",
-    "model.num_select=10",
-]
+# configs/dab_detr_synthetic.py shrunk to a model that trains a step in ~50 ms (tests.helpers)
+TINY_MODEL = [*TINY_SYNTHETIC_OVERRIDES, "model.head.num_queries=10", "model.num_select=10"]
 TINY_LOOP = [
     "dataloader.train.total_batch_size=2",
     "dataloader.train.num_workers=0",

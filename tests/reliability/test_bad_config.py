@@ -36,14 +36,14 @@ def test_valid_overrides_of_every_kind_are_applied(cfg):
         "train.max_iter=7",  # int
         "optimizer.lr=1",  # int where a float is expected: becomes 1.0
         "train.amp.enabled=true",  # bool
-        "model.backbone.stages.widths=[8,16,32,32]",  # list
+        "model.backbone.stages.widths=[8,16,32]",  # list
         "train.output_dir=/tmp/x",  # str
         "dataloader.train.dataset.names=[a,b]",  # one name or a list of names
         "dataloader.train.aspect_ratio_grouping=false",  # an argument of the LazyCall, left at its default
         "+train.my_new_key=3",  # '+' adds a key on purpose
     ])
     assert cfg.train.max_iter == 7 and cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
-    assert cfg.train.amp.enabled is True and list(cfg.model.backbone.stages.widths) == [8, 16, 32, 32]
+    assert cfg.train.amp.enabled is True and list(cfg.model.backbone.stages.widths) == [8, 16, 32]
     assert list(cfg.dataloader.train.dataset.names) == ["a", "b"]
     assert cfg.dataloader.train.aspect_ratio_grouping is False and cfg.train.my_new_key == 3
 

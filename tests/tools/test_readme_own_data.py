@@ -17,17 +17,14 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SECTIONS = ("## Your own dataset", "## Export and deploy")
 SHORT_RUN = ["dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
              "train.max_iter=6", "train.eval_period=1000", "train.checkpointer.period=1000", "train.log_period=1"]
 
-TINY_MODEL = [  # as tests/training's tiny model
-    "model.backbone.stem.out_channels=8", "model.backbone.stages.stem_width=8",
-    "model.backbone.stages.widths=[8,16,32,32]", "model.head.hidden_dim=32", "model.head.nheads=4",
-    "model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2", "model.head.dim_feedforward=64",
-    "model.head.num_queries=10",
-]
+TINY_MODEL = [*TINY_SYNTHETIC_OVERRIDES, "model.head.num_queries=10"]  # as tests/training's tiny model
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

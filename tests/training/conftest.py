@@ -3,18 +3,9 @@ import os
 import pytest
 
 from dab_detr.data.synthetic import SyntheticParams, generate_synthetic_dataset
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES
 
-_TINY_MODEL = [
-    "model.backbone.stem.out_channels=8",
-    "model.backbone.stages.stem_width=8",
-    "model.backbone.stages.widths=[8,16,32,32]",
-    "model.head.hidden_dim=32",
-    "model.head.nheads=4",
-    "model.head.num_encoder_layers=1",
-    "model.head.num_decoder_layers=2",
-    "model.head.dim_feedforward=64",
-    "model.head.num_queries=10",
-]
+_TINY_MODEL = [*TINY_SYNTHETIC_OVERRIDES, "model.head.num_queries=10"]
 
 
 @pytest.fixture(scope="session")
