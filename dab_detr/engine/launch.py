@@ -4,6 +4,7 @@ detectron2's `launch` already starts N processes with the gloo backend when ther
 N processes there), but its `create_ddp_model` passes `device_ids=[local rank]`, which DDP rejects for a CPU
 model, and each process would use every core.
 """
+import ctypes
 import os
 import sys
 from typing import Callable, Optional
@@ -18,7 +19,7 @@ from detectron2.utils.logger import setup_logger
 from ..data.mapper import ImageReadError
 from ..errors import DabDetrError, one_line
 
-__all__ = ["create_ddp_model", "set_cpu_threads", "launch_cli", "log_to_file"]
+__all__ = ["create_ddp_model", "keep_freed_memory", "set_cpu_threads", "launch_cli", "log_to_file"]
 
 
 def create_ddp_model(model, **kwargs):
@@ -33,6 +34,28 @@ def set_cpu_threads() -> None:
     local = comm.get_local_size()
     if local > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_TUNING_ENV = "DAB_DETR_MALLOC_TUNING"
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
+                      top_pad: int = 256 << 20) -> bool:
+    """Make glibc's malloc serve blocks up to `mmap_threshold` from its heap and keep up to `trim_threshold` of freed
+    heap, so that a training step reuses the previous step's activation memory instead of getting fresh pages from
+    the kernel (by default glibc maps most blocks of 128 KiB-32 MiB anew and faults every page in on first touch):
+    a CPU training step of the synthetic model takes ~0.94x the time. The price: the process keeps its peak memory.
+    Returns whether it was applied: glibc on Linux, unless `DAB_DETR_MALLOC_TUNING=0`."""
+    if os.environ.get(MALLOC_TUNING_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    settings = ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold), (_M_TOP_PAD, top_pad))
+    return all([mallopt(param, value) == 1 for param, value in settings])
 
 
 def log_to_file(output_dir: str) -> None:
