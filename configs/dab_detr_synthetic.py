@@ -73,8 +73,8 @@ dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}", 
 # --- optimisation ----------------------------------------------------------------------------------------------
 optimizer.lr = 1e-3
 optimizer.params.lr_factor_func.factor = 1.0  # from scratch: the backbone trains at the full lr
-# x 16 = 44,800 images = 15 epochs. 0.22-0.26 s/iteration on 2 cores (the VM's speed drifts) = 10-12 minutes,
-# leaving a margin under the 15-minute budget of `make train`.
+# x 16 = 44,800 images = 15 epochs, in fp32 (`make train` runs the bf16 + denoising variant,
+# dn_dab_detr_synthetic.py): AP 44.3 / AP50 70.5 on the embedded val set (one thread, README "Model zoo").
 train.max_iter = 2800
 train.clip_grad.max_norm = 1.0
 lr_multiplier = L(WarmupParamScheduler)(
