@@ -24,8 +24,8 @@ class _ScalarPReLU(torch.autograd.Function):
     """PReLU with one slope `a (1,)`, forward and backward in a few elementwise passes.
 
     torch's PReLU backward kernel is 2-3x slower on the CPU than this at FFN sizes (and slower still in bf16). With
-    `g_pos = g if x > 0 else 0` (ReLU's backward kernel) and `g_neg = g - g_pos`: `dx = g_pos + a g_neg`,
-    `da = sum(g_neg x)`, summed in fp32 — the same as F.prelu's gradients, x = 0 included (slope `a` there).
+    `g_pos = g if x > 0 else 0` (ReLU's backward kernel): `dx = g_pos + a (g - g_pos)` (one `lerp`) and
+    `da = sum(min(x, 0) g)`, summed in fp32 — the same as F.prelu's gradients, x = 0 included (slope `a` there).
     """
 
     @staticmethod
@@ -36,11 +36,12 @@ class _ScalarPReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, Tensor]:
         x, a = ctx.saved_tensors
-        grad_pos = torch.ops.aten.threshold_backward(grad, x, 0)
-        grad_neg = grad - grad_pos
-        grad_x = torch.addcmul(grad_pos, grad_neg, a.to(grad.dtype))
-        grad_a = (grad_neg * x).sum(dtype=torch.float32).reshape(a.shape).to(a.dtype)
-        return grad_x, grad_a
+        grad_x = torch.lerp(torch.ops.aten.threshold_backward(grad, x, 0), grad, a.to(grad.dtype))
+        if grad.dtype == torch.float32:
+            grad_a = torch.dot(x.clamp(max=0).flatten(), grad.flatten())  # no product tensor written
+        else:
+            grad_a = (x.clamp(max=0) * grad).sum(dtype=torch.float32)
+        return grad_x, grad_a.reshape(a.shape).to(a.dtype)
 
 
 def _prelu_value(x: Tensor, a: Tensor) -> Tensor:
