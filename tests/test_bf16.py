@@ -40,7 +40,7 @@ def test_bf16_training_steps_stay_finite_with_an_fp32_matcher(monkeypatch):
         grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
         optimizer.step()
         assert torch.isfinite(grad_norm)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert cost_dtypes and set(cost_dtypes) == {torch.float32}
     assert all(torch.isfinite(p).all() for p in model.parameters())
