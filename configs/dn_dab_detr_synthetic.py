@@ -5,8 +5,8 @@ The model, data and optimiser of `dab_detr_synthetic.py`, plus what the measurem
   1,125 of the same run (README "Getting started"); it costs ~7% per step;
 - bf16 autocast on the CPU (`train.amp.enabled`; attention and the matcher stay fp32): a step takes ~0.64x the
   fp32 time on one thread, less of a gain on two (README "Benchmarks"), so more iterations fit in the same minutes;
-- 3,000 iterations x 16 = 48,000 images = 16 epochs, cosine to 5 %: AP 63.0 / AP50 88.0, `make train` in 9.5
-  minutes with a step of 0.175 s on 2 threads in a slow hour (README "Getting started"; this VM ran the previous,
+- 3,000 iterations x 16 = 48,000 images = 16 epochs, cosine to 5 %: AP 63.0 / AP50 88.0, `make train` in 9.5-10
+  minutes with a step of 0.175-0.182 s on 2 threads in slow hours (README "Getting started"; this VM ran the previous,
   larger model's step at up to 0.31 s in its slowest hour: then ~16 minutes). With that model 2,400 iterations
   (AP50 83.4) were not enough for the AP50 85 we aim for; 4,500 reached 91.
 
