@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone import BasicStem, ResNet
@@ -91,3 +92,21 @@ def test_channels_last_backbone_gives_the_same_raw_outputs():
         plain = model.forward_raw(images)
     torch.testing.assert_close(fast["pred_logits"], plain["pred_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast["pred_boxes"], plain["pred_boxes"], rtol=1e-5, atol=1e-5)
+
+
+def test_small_resnet_with_three_stages_ends_at_res4_stride_16():
+    backbone = ResNet(BasicStem(in_channels=3, out_channels=8, norm="BN"),
+                      small_resnet_stages(depths=[1, 1, 1], widths=[8, 16, 32], stem_width=8, strides=[1, 2, 2]),
+                      out_features=["res4"], freeze_at=0)
+    assert backbone.output_shape()["res4"].stride == 16 and "res5" not in backbone.output_shape()
+    assert backbone(torch.randn(1, 3, 64, 64))["res4"].shape == (1, 32, 4, 4)
+
+
+@pytest.mark.parametrize("depths, widths, strides", [
+    ([1, 1], [8, 16, 32], [1, 2, 2]),  # lengths differ
+    ([], [], []),
+    ([1] * 5, [8, 16, 32, 64, 128], [1, 2, 2, 2, 2]),  # no res6
+])
+def test_small_resnet_stages_rejects_lists_of_the_wrong_length(depths, widths, strides):
+    with pytest.raises(ValueError, match="depths, widths and strides need the same number of entries, 1 to 4"):
+        small_resnet_stages(depths=depths, widths=widths, strides=strides, stem_width=8)

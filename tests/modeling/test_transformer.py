@@ -174,3 +174,18 @@ def test_transformer_init_is_xavier_except_the_box_mlp():
 def test_bad_options_are_named_in_the_error(bad, match):
     with pytest.raises(ValueError, match=match):
         DabDetrTransformer(D, HEADS, 1, 1, 32, **bad)
+
+
+def test_ffn_relu_works_in_place_only_without_gradients():
+    """Inference reuses the FFN's hidden tensor; training keeps it out of place (measured faster there)."""
+    from dab_detr.modeling.transformer import build_activation
+
+    relu = build_activation("relu")
+    x = torch.randn(4, 8)
+    expected = x.clamp(min=0)
+    with torch.no_grad():
+        inference_input = x.clone()
+        assert relu(inference_input) is inference_input and torch.equal(inference_input, expected)
+    training_input = x.clone().requires_grad_()
+    out = relu(training_input)
+    assert out is not training_input and torch.equal(out, expected) and torch.equal(training_input.detach(), x)
