@@ -1,12 +1,14 @@
 """Backbone helpers: small detectron2 ResNets for training from scratch (the embedded dataset, tests), and, for
-speed, folding FrozenBN into the convolution before it and running 1x1 convolutions of NHWC activations as GEMMs."""
-from typing import List, Sequence
+speed, folding FrozenBN into the convolution before it, running 1x1 convolutions of NHWC activations as GEMMs and
+bottleneck blocks as one autograd node."""
+from typing import List, Optional, Sequence, Tuple
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
-from detectron2.modeling.backbone.resnet import BasicBlock, ResNet
+from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNet
 from torch import Tensor, nn
 
-from .modeling.conv import conv2d
+from .modeling.bottleneck import bottleneck
+from .modeling.conv import conv2d, gemm_path
 
 
 def small_resnet_stages(
@@ -63,15 +65,19 @@ class FrozenBNConv2d(NHWCConv2d):
     the parameters and buffers, and therefore the state dict, stay those of conv + FrozenBN.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def folded(self) -> Tuple[Tensor, Tensor]:
+        """(weight * s, t (+ bias * s)): the weight and bias of the one convolution equal to conv + FrozenBN."""
         norm = self.norm
-        if not isinstance(norm, FrozenBatchNorm2d):  # norm swapped after folding: plain convolution + norm
-            return super().forward(x)
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         bias = norm.bias - norm.running_mean * scale
         if self.bias is not None:
             bias = bias + self.bias * scale
-        weight = self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype)
+        return self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype), bias.to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(self.norm, FrozenBatchNorm2d):  # norm swapped after folding: plain convolution + norm
+            return super().forward(x)
+        weight, bias = self.folded()
         x = conv2d(x, weight, bias.to(x.dtype), self.stride, self.padding, self.dilation, self.groups)
         return self.activation(x) if self.activation is not None else x
 
@@ -97,5 +103,42 @@ def use_nhwc_convolutions(module: nn.Module) -> int:
     for m in module.modules():
         if type(m) is Conv2d:
             m.__class__ = NHWCConv2d
+            count += 1
+    return count
+
+
+def _folded_conv(conv: Optional[nn.Module]) -> bool:
+    return type(conv) is FrozenBNConv2d and isinstance(conv.norm, FrozenBatchNorm2d) and conv.activation is None
+
+
+class FrozenBNBottleneckBlock(BottleneckBlock):
+    """detectron2 `BottleneckBlock` (same parameters) whose convolutions all carry a FrozenBN, run as one
+    `modeling.bottleneck` node where the NHWC GEMM path applies (`conv.gemm_path`: training, or one thread):
+    fewer passes over the activations, in the forward and in the backward. Otherwise (a traced or exported graph,
+    autocast, NCHW input, the stride in the first 1x1 convolution, a norm swapped after folding) it runs as
+    detectron2 runs it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv1, conv2, conv3, shortcut = self.conv1, self.conv2, self.conv3, self.shortcut
+        if not (
+            gemm_path(x) and _folded_conv(conv1) and _folded_conv(conv2) and _folded_conv(conv3)
+            and (shortcut is None or (_folded_conv(shortcut) and shortcut.stride == conv2.stride))
+            and conv1.stride == (1, 1) and conv2.stride[0] == conv2.stride[1]
+            and conv2.padding == conv2.dilation and conv2.dilation[0] == conv2.dilation[1]
+        ):
+            return super().forward(x)
+        return bottleneck(
+            x, conv1.folded(), conv2.folded(), conv3.folded(), shortcut.folded() if shortcut is not None else None,
+            stride=conv2.stride[0], dilation=conv2.dilation[0], groups=conv2.groups,
+        )
+
+
+def fuse_bottleneck_blocks(module: nn.Module) -> int:
+    """Make every detectron2 `BottleneckBlock` in `module` a `FrozenBNBottleneckBlock`, in place (only the class
+    changes; it takes the fused path only while all its convolutions are folded). Returns the number changed."""
+    count = 0
+    for m in module.modules():
+        if type(m) is BottleneckBlock:
+            m.__class__ = FrozenBNBottleneckBlock
             count += 1
     return count

@@ -9,7 +9,7 @@ from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
-from .backbone import fold_frozen_batchnorm, use_nhwc_convolutions
+from .backbone import fold_frozen_batchnorm, fuse_bottleneck_blocks, use_nhwc_convolutions
 from .modeling.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .modeling.dab_detr_head import DabDetrHead
 from .modeling.targets import TargetBatch, check_target_batch
@@ -61,7 +61,8 @@ class DABDETR(nn.Module):
     Speed: FrozenBN layers of the backbone are folded into their convolutions (`fold_frozen_batchnorm`, same state
     dict), and with `channels_last` the backbone's activations and weights are NHWC (oneDNN's fast layout on CPU;
     ~20% faster convolutions here, and no per-call weight re-layout), its 1x1 convolutions (and `input_proj`) one
-    GEMM each on the NHWC view (`modeling.conv.conv2d`).
+    GEMM each on the NHWC view (`modeling.conv.conv2d`), and its bottleneck blocks one autograd node each
+    (`modeling.bottleneck`).
     """
 
     @configurable
@@ -95,6 +96,7 @@ class DABDETR(nn.Module):
         fold_frozen_batchnorm(backbone)
         if channels_last:
             use_nhwc_convolutions(backbone)  # 1x1 convolutions of NHWC activations as GEMMs
+            fuse_bottleneck_blocks(backbone)  # ResNet's bottleneck blocks as one autograd node each
             # NHWC weights too (and input_proj's, which reads the NHWC features): with NCHW weights oneDNN re-lays
             # every weight (and its gradient) out on every call, and the backbone's gradients arrive in NCHW.
             backbone.to(memory_format=torch.channels_last)

@@ -4,9 +4,14 @@ import pytest
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.modeling.backbone.resnet import BottleneckBlock
 from detectron2.structures import ImageList
 
-from dab_detr.backbone import FrozenBNConv2d, fold_frozen_batchnorm, small_resnet_stages
+from dab_detr import backbone as backbone_module
+from dab_detr.backbone import (
+    FrozenBNConv2d, fold_frozen_batchnorm, fuse_bottleneck_blocks, small_resnet_stages, use_nhwc_convolutions,
+)
+from dab_detr.modeling import conv as conv_module
 from dab_detr.meta_arch import DABDETR
 from dab_detr.modeling.dab_detr_head import DabDetrHead
 
@@ -110,3 +115,81 @@ def test_small_resnet_with_three_stages_ends_at_res4_stride_16():
 def test_small_resnet_stages_rejects_lists_of_the_wrong_length(depths, widths, strides):
     with pytest.raises(ValueError, match="depths, widths and strides need the same number of entries, 1 to 4"):
         small_resnet_stages(depths=depths, widths=widths, strides=strides, stem_width=8)
+
+
+def _r50_stages(stride_in_1x1=False, width=8, dilation=1):
+    """ResNet-50 (3, 4, 6, 3 bottleneck blocks, FrozenBN) 1/8 as wide; `dilation` 2: res5 dilated, stride 1."""
+    torch.manual_seed(0)
+    stages, in_channels = [], width
+    for i, depth in enumerate((3, 4, 6, 3)):
+        mid = width * 2 ** i
+        last = i == 3
+        stride = 1 if i == 0 or (last and dilation > 1) else 2
+        stages.append(ResNet.make_stage(
+            BottleneckBlock, depth, in_channels=in_channels, out_channels=4 * mid, bottleneck_channels=mid,
+            stride_per_block=[stride] + [1] * (depth - 1), norm="FrozenBN", stride_in_1x1=stride_in_1x1,
+            dilation=dilation if last else 1,
+        ))
+        in_channels = 4 * mid
+    return ResNet(BasicStem(in_channels=3, out_channels=width, norm="FrozenBN"), stages, out_features=["res5"],
+                  freeze_at=1)
+
+
+def _fast_backbone(reference):
+    fast = copy.deepcopy(reference)
+    fold_frozen_batchnorm(fast)
+    use_nhwc_convolutions(fast)
+    assert fuse_bottleneck_blocks(fast) == 16
+    return fast.to(memory_format=torch.channels_last)
+
+
+def _assert_close_to_scale(got, expected, rel, msg=""):
+    """Equal up to `rel` of the reference's largest magnitude: random FrozenBN statistics make activations and
+    gradients grow through 16 blocks, and float sums in another order differ by a share of that."""
+    err = (got - expected).abs().max().item()
+    assert err <= rel * expected.abs().max().item(), f"{msg}: max abs difference {err:.3g}"
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_fused_bottleneck_blocks_train_like_detectron2s(monkeypatch, dilation):
+    """A FrozenBN R50 (narrow) with every speed-up of DABDETR: the same features and parameter gradients as
+    detectron2's own blocks, and every block ran as one fused node."""
+    reference = _randomise_frozen_bn(_r50_stages(dilation=dilation))
+    fast = _fast_backbone(reference)
+    calls = []
+    fused = backbone_module.bottleneck
+    monkeypatch.setattr(backbone_module, "bottleneck", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    x = torch.randn(2, 3, 64, 96)
+    outputs = []
+    for model in (reference, fast):
+        features = model(x.contiguous(memory_format=torch.channels_last) if model is fast else x)["res5"]
+        features.backward(torch.randn(features.shape, generator=torch.Generator().manual_seed(1)))
+        outputs.append(features.detach())
+    assert len(calls) == 16
+    _assert_close_to_scale(outputs[1], outputs[0], 1e-5, "features")
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            _assert_close_to_scale(q.grad, p.grad, 1e-5, name)
+
+
+@pytest.mark.parametrize("case, fused_blocks", [
+    ("no_grad_two_threads", 0),  # inference with oneDNN: detectron2's forward (as fast there)
+    ("autocast", 0),
+    ("stride_in_1x1", 13),  # the first blocks of res3-res5 have a strided 1x1 first: those three fall back
+])
+def test_fused_bottleneck_blocks_fall_back_to_detectron2s_forward(monkeypatch, case, fused_blocks):
+    reference = _randomise_frozen_bn(_r50_stages(stride_in_1x1=case == "stride_in_1x1"))
+    fast = _fast_backbone(reference)
+    calls = []
+    fused = backbone_module.bottleneck
+    monkeypatch.setattr(backbone_module, "bottleneck", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(conv_module.torch, "get_num_threads", lambda: 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(x)["res5"]
+    with torch.set_grad_enabled(case != "no_grad_two_threads"), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        got = fast(x.contiguous(memory_format=torch.channels_last))["res5"].detach()
+    assert len(calls) == fused_blocks
+    _assert_close_to_scale(got.float(), expected, 2e-2 if case == "autocast" else 1e-5, case)

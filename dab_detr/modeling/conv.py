@@ -64,19 +64,35 @@ def _im2col_fallback(x: Tensor) -> bool:
     return torch.get_num_threads() == 1 and x.shape[0] < 16
 
 
+def _eager() -> bool:
+    """Not inside torch.compile, torch.export or a trace: those get the plain convolution."""
+    return not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+
+
+def _gemm_input(x: Tensor) -> bool:
+    """A channels_last fp32 `(B, C, H, W)` outside autocast, with gradients enabled (training) or where torch would
+    not use oneDNN."""
+    return (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+        and not torch.is_autocast_enabled(x.device.type) and (torch.is_grad_enabled() or _im2col_fallback(x))
+    )
+
+
+def gemm_path(x: Tensor) -> bool:
+    """Whether 1x1 convolutions of `x` run as GEMMs over its pixels here (`conv2d` below, `bottleneck.py`)."""
+    return _eager() and _gemm_input(x)
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Pair = 1, padding: _Pair = 0,
            dilation: _Pair = 1, groups: int = 1) -> Tensor:
-    """`F.conv2d`; for a 1x1, stride-1, ungrouped kernel and a channels_last fp32 `x (B, C, H, W)` outside
-    autocast, with gradients enabled (training) or where torch would not use oneDNN, computed as GEMMs over the
-    pixels (`_PointwiseConvNHWC`), the output channels_last. Traced and exported graphs keep the convolution."""
+    """`F.conv2d`; for a 1x1, stride-1, ungrouped fp32 kernel and an `x` that `gemm_path` takes, computed as GEMMs
+    over the pixels (`_PointwiseConvNHWC`), the output channels_last. Traced and exported graphs keep the
+    convolution."""
     if (
-        # first, so that traced graphs see no test of the input's shape
-        not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+        _eager()  # first, so that traced graphs see no test of the input's shape
         and weight.shape[-2:] == (1, 1) and groups == 1 and _all_equal(stride, 1) and _all_equal(dilation, 1)
-        and _all_equal(padding, 0) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-        and not torch.is_autocast_enabled(x.device.type)
-        and (torch.is_grad_enabled() or _im2col_fallback(x))
+        and _all_equal(padding, 0) and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+        and _gemm_input(x)
     ):
         return _PointwiseConvNHWC.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

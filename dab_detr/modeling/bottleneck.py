@@ -1,0 +1,118 @@
+"""ResNet's bottleneck block (1x1 -> 3x3 -> 1x1, residual, ReLU) on channels_last activations, as one autograd node.
+
+The block is the same function as conv + ReLU + conv + ReLU + conv + shortcut + add + ReLU with per-channel biases
+(FrozenBN folded into the convolutions), but written as one node it needs fewer passes over its largest tensors:
+- forward: the shortcut (the input, or its 1x1 projection) and the last bias are written first and the last 1x1
+  convolution is accumulated onto them by the GEMM (`addmm_`, beta = 1), so there is no separate residual add;
+- backward: the input gradient of the first 1x1 convolution is accumulated by its GEMM onto the shortcut's
+  gradient, which autograd would otherwise compute separately and add in a fresh buffer; the ReLU masks of the two
+  inner activations are applied in place to gradients the block owns.
+The 3x3 convolution runs through torch (`F.conv2d`, `aten.convolution_backward`). The 1x1 convolutions are GEMMs
+over the `(B*H*W, C)` view of NHWC tensors (as in `conv.py`), the strided projection shortcut one over the
+subsampled input.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CL = torch.channels_last
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+def _rows(t: Tensor) -> Tensor:
+    """`(B*H*W, C)` view of a channels_last `(B, C, H, W)` tensor."""
+    return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
+
+
+def _empty_cl(batch: int, channels: int, height: int, width: int, like: Tensor) -> Tensor:
+    return torch.empty((batch, channels, height, width), dtype=like.dtype, device=like.device, memory_format=_CL)
+
+
+def _matrix(w: Tensor) -> Tensor:
+    """`(K, C)` of a 1x1 kernel `(K, C, 1, 1)`."""
+    return w.reshape(w.shape[0], w.shape[1])
+
+
+def _subsample(x: Tensor, stride: int) -> Tensor:
+    """`x[:, :, ::stride, ::stride]` as a channels_last tensor (what a strided 1x1 convolution reads)."""
+    return x if stride == 1 else x[:, :, ::stride, ::stride].contiguous(memory_format=_CL)
+
+
+def _relu_backward_(grad: Tensor, output: Tensor) -> Tensor:
+    """grad * (output > 0), in place in `grad`."""
+    return _threshold_backward(grad, output, 0, grad_input=grad)
+
+
+class _Bottleneck(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+                ws: Optional[Tensor], bs: Optional[Tensor], stride: int, dilation: int, groups: int) -> Tensor:
+        batch, _, height, width = x.shape
+        h1 = _empty_cl(batch, w1.shape[0], height, width, x)
+        torch.addmm(b1, _rows(x), _matrix(w1).t(), out=_rows(h1))
+        h1.relu_()
+        h2 = F.conv2d(h1, w2, b2, stride, dilation, dilation, groups).contiguous(memory_format=_CL).relu_()
+        out = _empty_cl(batch, w3.shape[0], h2.shape[2], h2.shape[3], x)
+        if ws is None:
+            torch.add(x, b3.view(1, -1, 1, 1), out=out)
+        else:
+            torch.addmm(b3 + bs, _rows(_subsample(x, stride)), _matrix(ws).t(), out=_rows(out))
+        _rows(out).addmm_(_rows(h2), _matrix(w3).t())
+        out.relu_()
+        ctx.save_for_backward(x, h1, h2, out, w1, w2, w3, ws)
+        ctx.conv2 = (stride, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, h1, h2, out, w1, w2, w3, ws = ctx.saved_tensors
+        stride, dilation, groups = ctx.conv2
+        need = ctx.needs_input_grad
+        g = _threshold_backward(grad, out, 0).contiguous(memory_format=_CL)  # dL/d(out before the last ReLU)
+        g_rows = _rows(g)
+        d_w3 = g_rows.t().mm(_rows(h2)).view(w3.shape) if need[5] else None
+        d_b3 = g_rows.sum(0) if need[6] or need[8] else None
+
+        d_h2 = _empty_cl(*h2.shape, like=h2)
+        torch.mm(g_rows, _matrix(w3), out=_rows(d_h2))
+        _relu_backward_(d_h2, h2)
+        d_h1, d_w2, d_b2 = torch.ops.aten.convolution_backward(
+            d_h2, h1, w2, [w2.shape[0]], [stride] * 2, [dilation] * 2, [dilation] * 2, False, [0, 0], groups,
+            [True, need[3], need[4]],
+        )
+        d_h1 = _relu_backward_(d_h1.contiguous(memory_format=_CL), h1)
+        d_h1_rows = _rows(d_h1)
+        d_w1 = d_h1_rows.t().mm(_rows(x)).view(w1.shape) if need[1] else None
+        d_b1 = d_h1_rows.sum(0) if need[2] else None
+
+        d_x = d_ws = None
+        if ws is not None and need[7]:
+            d_ws = g_rows.t().mm(_rows(_subsample(x, stride))).view(ws.shape)
+        if need[0]:
+            if ws is None:  # identity shortcut: d_x = g + d_h1 @ W1, accumulated in g's buffer
+                d_x = g
+                g_rows.addmm_(d_h1_rows, _matrix(w1))
+            else:
+                d_x = _empty_cl(*x.shape, like=x)
+                torch.mm(d_h1_rows, _matrix(w1), out=_rows(d_x))
+                if stride == 1:
+                    _rows(d_x).addmm_(g_rows, _matrix(ws))
+                else:
+                    d_shortcut = g_rows.mm(_matrix(ws)).view(g.shape[0], g.shape[2], g.shape[3], -1)
+                    d_x[:, :, ::stride, ::stride] += d_shortcut.permute(0, 3, 1, 2)
+        return (d_x, d_w1, d_b1, d_w2, d_b2, d_w3, d_b3, d_ws, d_b3 if need[8] else None, None, None, None)
+
+
+def bottleneck(x: Tensor, conv1: Tuple[Tensor, Tensor], conv2: Tuple[Tensor, Tensor], conv3: Tuple[Tensor, Tensor],
+               shortcut: Optional[Tuple[Tensor, Tensor]] = None, stride: int = 1, dilation: int = 1,
+               groups: int = 1) -> Tensor:
+    """relu(conv3(relu(conv2(relu(conv1(x))))) + shortcut(x)) for a channels_last fp32 `x (B, C, H, W)`.
+
+    `conv1`, `conv3`, `shortcut`: (weight (K, C, 1, 1), bias (K,)) of 1x1 convolutions (the shortcut strided by
+    `stride`, identity if None); `conv2`: (weight, bias) of the 3x3 convolution, stride `stride`, padding and
+    dilation `dilation`, `groups`. Returns `(B, K3, H / stride, W / stride)`, channels_last.
+    """
+    ws, bs = shortcut if shortcut is not None else (None, None)
+    return _Bottleneck.apply(x, *conv1, *conv2, *conv3, ws, bs, stride, dilation, groups)
