@@ -175,20 +175,21 @@ def test_fused_bottleneck_blocks_train_like_detectron2s(monkeypatch, dilation):
 
 @pytest.mark.parametrize("case, fused_blocks", [
     ("no_grad_two_threads", 0),  # inference with oneDNN: detectron2's forward (as fast there)
+    ("no_grad_one_thread", 16),  # inference where torch skips oneDNN: the fused node, forward only
     ("autocast", 0),
     ("stride_in_1x1", 13),  # the first blocks of res3-res5 have a strided 1x1 first: those three fall back
 ])
-def test_fused_bottleneck_blocks_fall_back_to_detectron2s_forward(monkeypatch, case, fused_blocks):
+def test_fused_bottleneck_blocks_where_they_apply(monkeypatch, case, fused_blocks):
     reference = _randomise_frozen_bn(_r50_stages(stride_in_1x1=case == "stride_in_1x1"))
     fast = _fast_backbone(reference)
     calls = []
     fused = backbone_module.bottleneck
     monkeypatch.setattr(backbone_module, "bottleneck", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    monkeypatch.setattr(conv_module.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(conv_module.torch, "get_num_threads", lambda: 1 if case == "no_grad_one_thread" else 2)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = reference(x)["res5"]
-    with torch.set_grad_enabled(case != "no_grad_two_threads"), \
+    with torch.set_grad_enabled(not case.startswith("no_grad")), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         got = fast(x.contiguous(memory_format=torch.channels_last))["res5"].detach()
     assert len(calls) == fused_blocks
