@@ -50,7 +50,7 @@ from benchmarks.models import (  # noqa: E402
 )
 
 AGREEMENT_TOL = 1e-4
-FULL = {"infer": [(640, 640), (800, 1333)], "train": (512, 512), "warmup": 2, "runs": 7, "train_runs": 5,
+FULL = {"infer": [(640, 640), (800, 1333)], "train": (512, 512), "warmup": 2, "runs": 7, "train_runs": 11,
         "synthetic": (16, (128, 128)), "synthetic_runs": 15}
 QUICK = {"infer": [(96, 96)], "train": (64, 64), "warmup": 1, "runs": 2, "train_runs": 2,
          "synthetic": (2, (64, 64)), "synthetic_runs": 2}
