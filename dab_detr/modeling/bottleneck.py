@@ -40,6 +40,11 @@ def _subsample(x: Tensor, stride: int) -> Tensor:
     return x if stride == 1 else x[:, :, ::stride, ::stride].contiguous(memory_format=_CL)
 
 
+def _weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
+    """dL/dW `(K, C, 1, 1)` of a 1x1 convolution of `x (B, C, H, W)` with stride `stride`, from `grad (B, K, H', W')`."""
+    return _rows(grad).t().mm(_rows(_subsample(x, stride))).view(weight.shape)
+
+
 def _relu_backward_(grad: Tensor, output: Tensor) -> Tensor:
     """grad * (output > 0), in place in `grad`."""
     return _threshold_backward(grad, output, 0, grad_input=grad)
@@ -72,7 +77,7 @@ class _Bottleneck(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = _threshold_backward(grad, out, 0).contiguous(memory_format=_CL)  # dL/d(out before the last ReLU)
         g_rows = _rows(g)
-        d_w3 = g_rows.t().mm(_rows(h2)).view(w3.shape) if need[5] else None
+        d_w3 = _weight_grad(g, h2, w3) if need[5] else None
         d_b3 = g_rows.sum(0) if need[6] or need[8] else None
 
         d_h2 = _empty_cl(*h2.shape, like=h2)
@@ -84,12 +89,12 @@ class _Bottleneck(torch.autograd.Function):
         )
         d_h1 = _relu_backward_(d_h1.contiguous(memory_format=_CL), h1)
         d_h1_rows = _rows(d_h1)
-        d_w1 = d_h1_rows.t().mm(_rows(x)).view(w1.shape) if need[1] else None
+        d_w1 = _weight_grad(d_h1, x, w1) if need[1] else None
         d_b1 = d_h1_rows.sum(0) if need[2] else None
 
         d_x = d_ws = None
         if ws is not None and need[7]:
-            d_ws = g_rows.t().mm(_rows(_subsample(x, stride))).view(ws.shape)
+            d_ws = _weight_grad(g, x, ws, stride)
         if need[0]:
             if ws is None:  # identity shortcut: d_x = g + d_h1 @ W1, accumulated in g's buffer
                 d_x = g
