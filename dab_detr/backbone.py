@@ -1,10 +1,11 @@
 """Backbone helpers: small detectron2 ResNets for training from scratch (the embedded dataset, tests), and, for
 speed, folding FrozenBN into the convolution before it, running 1x1 convolutions of NHWC activations as GEMMs and
 bottleneck blocks as one autograd node."""
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNet
+import torch
 from torch import Tensor, nn
 
 from .modeling.bottleneck import bottleneck
@@ -82,33 +83,34 @@ class FrozenBNConv2d(NHWCConv2d):
         return self.activation(x) if self.activation is not None else x
 
 
+def _recast(module: nn.Module, old: type, new: type, when: Callable[[nn.Module], bool] = lambda m: True) -> int:
+    """Give every submodule of exactly class `old` (for which `when` holds) class `new`, in place; the count."""
+    matches = [m for m in module.modules() if type(m) is old and when(m)]
+    for m in matches:
+        m.__class__ = new
+    return len(matches)
+
+
 def fold_frozen_batchnorm(module: nn.Module) -> int:
     """Make every detectron2 `Conv2d` in `module` whose `norm` is a `FrozenBatchNorm2d` a `FrozenBNConv2d`, in place.
 
     Only the class changes (same parameters, buffers, state-dict keys, outputs up to float rounding).
     Returns the number of convolutions changed.
     """
-    count = 0
-    for m in module.modules():
-        if type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d):
-            m.__class__ = FrozenBNConv2d
-            count += 1
-    return count
+    return _recast(module, Conv2d, FrozenBNConv2d, lambda m: isinstance(m.norm, FrozenBatchNorm2d))
 
 
 def use_nhwc_convolutions(module: nn.Module) -> int:
     """Make every other plain detectron2 `Conv2d` in `module` an `NHWCConv2d`, in place (only the class changes).
     Returns the number of convolutions changed."""
-    count = 0
-    for m in module.modules():
-        if type(m) is Conv2d:
-            m.__class__ = NHWCConv2d
-            count += 1
-    return count
+    return _recast(module, Conv2d, NHWCConv2d)
 
 
 def _folded_conv(conv: Optional[nn.Module]) -> bool:
-    return type(conv) is FrozenBNConv2d and isinstance(conv.norm, FrozenBatchNorm2d) and conv.activation is None
+    return (
+        type(conv) is FrozenBNConv2d and isinstance(conv.norm, FrozenBatchNorm2d) and conv.activation is None
+        and conv.weight.dtype == torch.float32
+    )
 
 
 class FrozenBNBottleneckBlock(BottleneckBlock):
@@ -136,9 +138,4 @@ class FrozenBNBottleneckBlock(BottleneckBlock):
 def fuse_bottleneck_blocks(module: nn.Module) -> int:
     """Make every detectron2 `BottleneckBlock` in `module` a `FrozenBNBottleneckBlock`, in place (only the class
     changes; it takes the fused path only while all its convolutions are folded). Returns the number changed."""
-    count = 0
-    for m in module.modules():
-        if type(m) is BottleneckBlock:
-            m.__class__ = FrozenBNBottleneckBlock
-            count += 1
-    return count
+    return _recast(module, BottleneckBlock, FrozenBNBottleneckBlock)

@@ -63,3 +63,18 @@ def test_bottleneck_keeps_the_incoming_gradient_and_its_saved_tensors_intact():
     first = torch.autograd.grad(out, [x], grad_out, retain_graph=True)[0]
     assert torch.equal(grad_out, kept)
     torch.testing.assert_close(torch.autograd.grad(out, [x], grad_out)[0], first, rtol=0, atol=0)
+
+
+def test_bottleneck_takes_a_broadcast_or_nchw_incoming_gradient():
+    """`out.sum()` sends an expanded scalar back, other consumers an NCHW gradient: the block reads either."""
+    g = torch.Generator().manual_seed(2)
+    convs = make_block(g, 8, 6, 16, True, 1, torch.float64)
+    x = torch.randn(2, 8, 6, 6, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    leaves = [x] + [t for conv in convs for t in conv]
+    for make_loss in (lambda out: out.sum(), lambda out: (out.contiguous() * torch.arange(16.0, dtype=out.dtype)
+                                                          .view(1, -1, 1, 1)).sum()):
+        got = torch.autograd.grad(make_loss(bottleneck(x, *convs, stride=2)), leaves)
+        expected = torch.autograd.grad(make_loss(reference_block(x, *convs, 2, 1, 1)), leaves)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
