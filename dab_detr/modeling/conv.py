@@ -70,10 +70,12 @@ def _eager() -> bool:
 
 
 def _gemm_input(x: Tensor) -> bool:
-    """A channels_last fp32 `(B, C, H, W)` outside autocast, with gradients enabled (training) or where torch would
-    not use oneDNN."""
+    """A channels_last fp32 `(B, C, H, W)` on the CPU outside autocast, with gradients enabled (training) or where
+    torch would not use oneDNN. Only the CPU: that is where the GEMM form was measured faster; on a GPU the
+    convolution library's kernels (and their TF32 setting) stay in charge."""
     return (
-        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+        x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        and x.dtype == torch.float32
         and not torch.is_autocast_enabled(x.device.type) and (torch.is_grad_enabled() or _im2col_fallback(x))
     )
 

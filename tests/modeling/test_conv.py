@@ -77,3 +77,11 @@ def test_pointwise_conv_output_takes_in_place_ops_like_a_convolution_output():
         x.grad = weight.grad = None
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_the_gemm_path_is_for_cpu_tensors_only():
+    """Measured on the CPU; elsewhere the convolution library keeps the work (no GPU here: the meta device)."""
+    from dab_detr.modeling.conv import gemm_path
+
+    assert gemm_path(torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last))
+    assert not gemm_path(torch.empty(2, 6, 4, 4, device="meta").contiguous(memory_format=torch.channels_last))
