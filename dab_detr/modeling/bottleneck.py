@@ -107,7 +107,8 @@ class _Bottleneck(torch.autograd.Function):
                 else:
                     d_shortcut = g_rows.mm(_matrix(ws)).view(g.shape[0], g.shape[2], g.shape[3], -1)
                     d_x[:, :, ::stride, ::stride] += d_shortcut.permute(0, 3, 1, 2)
-        return (d_x, d_w1, d_b1, d_w2, d_b2, d_w3, d_b3, d_ws, d_b3 if need[8] else None, None, None, None)
+        return (d_x, d_w1, d_b1, d_w2, d_b2, d_w3, d_b3 if need[6] else None, d_ws, d_b3 if need[8] else None,
+                None, None, None)
 
 
 def bottleneck(x: Tensor, conv1: Tuple[Tensor, Tensor], conv2: Tuple[Tensor, Tensor], conv3: Tuple[Tensor, Tensor],
