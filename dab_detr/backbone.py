@@ -3,9 +3,9 @@ speed, folding FrozenBN into the convolution before it, running 1x1 convolutions
 bottleneck blocks as one autograd node."""
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNet
-import torch
 from torch import Tensor, nn
 
 from .modeling.bottleneck import bottleneck

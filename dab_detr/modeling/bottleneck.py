@@ -17,22 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .conv import kernel_matrix, pixel_rows, pointwise_conv, pointwise_weight_grad
+
 _CL = torch.channels_last
 _threshold_backward = torch.ops.aten.threshold_backward
 
 
-def _rows(t: Tensor) -> Tensor:
-    """`(B*H*W, C)` view of a channels_last `(B, C, H, W)` tensor."""
-    return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
-
-
 def _empty_cl(batch: int, channels: int, height: int, width: int, like: Tensor) -> Tensor:
     return torch.empty((batch, channels, height, width), dtype=like.dtype, device=like.device, memory_format=_CL)
-
-
-def _matrix(w: Tensor) -> Tensor:
-    """`(K, C)` of a 1x1 kernel `(K, C, 1, 1)`."""
-    return w.reshape(w.shape[0], w.shape[1])
 
 
 def _subsample(x: Tensor, stride: int) -> Tensor:
@@ -41,8 +33,9 @@ def _subsample(x: Tensor, stride: int) -> Tensor:
 
 
 def _weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
-    """dL/dW `(K, C, 1, 1)` of a 1x1 convolution of `x (B, C, H, W)` with stride `stride`, from `grad (B, K, H', W')`."""
-    return _rows(grad).t().mm(_rows(_subsample(x, stride))).view(weight.shape)
+    """dL/dW `(K, C, 1, 1)` of a 1x1 convolution of `x (B, C, H, W)` with stride `stride`, from its output gradient
+    `grad (B, K, H', W')`."""
+    return pointwise_weight_grad(pixel_rows(grad), _subsample(x, stride), weight)
 
 
 def _relu_backward_(grad: Tensor, output: Tensor) -> Tensor:
@@ -54,17 +47,13 @@ class _Bottleneck(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
                 ws: Optional[Tensor], bs: Optional[Tensor], stride: int, dilation: int, groups: int) -> Tensor:
-        batch, _, height, width = x.shape
-        h1 = _empty_cl(batch, w1.shape[0], height, width, x)
-        torch.addmm(b1, _rows(x), _matrix(w1).t(), out=_rows(h1))
-        h1.relu_()
+        h1 = pointwise_conv(x, w1, b1).relu_()
         h2 = F.conv2d(h1, w2, b2, stride, dilation, dilation, groups).contiguous(memory_format=_CL).relu_()
-        out = _empty_cl(batch, w3.shape[0], h2.shape[2], h2.shape[3], x)
         if ws is None:
-            torch.add(x, b3.view(1, -1, 1, 1), out=out)
+            out = torch.add(x, b3.view(1, -1, 1, 1), out=_empty_cl(*x.shape, like=x))
         else:
-            torch.addmm(b3 + bs, _rows(_subsample(x, stride)), _matrix(ws).t(), out=_rows(out))
-        _rows(out).addmm_(_rows(h2), _matrix(w3).t())
+            out = pointwise_conv(_subsample(x, stride), ws, b3 + bs)
+        pixel_rows(out).addmm_(pixel_rows(h2), kernel_matrix(w3).t())
         out.relu_()
         ctx.save_for_backward(x, h1, h2, out, w1, w2, w3, ws)
         ctx.conv2 = (stride, dilation, groups)
@@ -76,19 +65,19 @@ class _Bottleneck(torch.autograd.Function):
         stride, dilation, groups = ctx.conv2
         need = ctx.needs_input_grad
         g = _threshold_backward(grad, out, 0).contiguous(memory_format=_CL)  # dL/d(out before the last ReLU)
-        g_rows = _rows(g)
+        g_rows = pixel_rows(g)
         d_w3 = _weight_grad(g, h2, w3) if need[5] else None
         d_b3 = g_rows.sum(0) if need[6] or need[8] else None
 
         d_h2 = _empty_cl(*h2.shape, like=h2)
-        torch.mm(g_rows, _matrix(w3), out=_rows(d_h2))
+        torch.mm(g_rows, kernel_matrix(w3), out=pixel_rows(d_h2))
         _relu_backward_(d_h2, h2)
         d_h1, d_w2, d_b2 = torch.ops.aten.convolution_backward(
             d_h2, h1, w2, [w2.shape[0]], [stride] * 2, [dilation] * 2, [dilation] * 2, False, [0, 0], groups,
             [True, need[3], need[4]],
         )
         d_h1 = _relu_backward_(d_h1.contiguous(memory_format=_CL), h1)
-        d_h1_rows = _rows(d_h1)
+        d_h1_rows = pixel_rows(d_h1)
         d_w1 = _weight_grad(d_h1, x, w1) if need[1] else None
         d_b1 = d_h1_rows.sum(0) if need[2] else None
 
@@ -98,14 +87,14 @@ class _Bottleneck(torch.autograd.Function):
         if need[0]:
             if ws is None:  # identity shortcut: d_x = g + d_h1 @ W1, accumulated in g's buffer
                 d_x = g
-                g_rows.addmm_(d_h1_rows, _matrix(w1))
+                g_rows.addmm_(d_h1_rows, kernel_matrix(w1))
             else:
                 d_x = _empty_cl(*x.shape, like=x)
-                torch.mm(d_h1_rows, _matrix(w1), out=_rows(d_x))
+                torch.mm(d_h1_rows, kernel_matrix(w1), out=pixel_rows(d_x))
                 if stride == 1:
-                    _rows(d_x).addmm_(g_rows, _matrix(ws))
+                    pixel_rows(d_x).addmm_(g_rows, kernel_matrix(ws))
                 else:
-                    d_shortcut = g_rows.mm(_matrix(ws)).view(g.shape[0], g.shape[2], g.shape[3], -1)
+                    d_shortcut = g_rows.mm(kernel_matrix(ws)).view(g.shape[0], g.shape[2], g.shape[3], -1)
                     d_x[:, :, ::stride, ::stride] += d_shortcut.permute(0, 3, 1, 2)
         return (d_x, d_w1, d_b1, d_w2, d_b2, d_w3, d_b3 if need[6] else None, d_ws, d_b3 if need[8] else None,
                 None, None, None)

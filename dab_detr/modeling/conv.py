@@ -18,40 +18,54 @@ def _all_equal(value: _Pair, target: int) -> bool:
     return all(v == target for v in ((value, value) if isinstance(value, int) else value))
 
 
+def pixel_rows(t: Tensor) -> Tensor:
+    """`(B*H*W, C)` view of a channels_last `(B, C, H, W)` tensor."""
+    return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
+
+
+def kernel_matrix(weight: Tensor) -> Tensor:
+    """`(K, C)` of a 1x1 kernel `(K, C, 1, 1)`."""
+    return weight.reshape(weight.shape[0], weight.shape[1])
+
+
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """1x1 convolution of a channels_last `x (B, C, H, W)` as one GEMM on its pixel rows (no autograd node of its
+    own); the output `(B, K, H, W)` is a channels_last tensor of its own, not a view."""
+    batch, _, height, width = x.shape
+    out = torch.empty((batch, weight.shape[0], height, width), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    if bias is None:
+        torch.mm(pixel_rows(x), kernel_matrix(weight).t(), out=pixel_rows(out))
+    else:
+        torch.addmm(bias, pixel_rows(x), kernel_matrix(weight).t(), out=pixel_rows(out))
+    return out
+
+
+def pointwise_weight_grad(grad_rows: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """dL/dW `(K, C, 1, 1)` of `pointwise_conv(x, weight)` from the output gradient's pixel rows `(B*H*W, K)`."""
+    return grad_rows.t().mm(pixel_rows(x)).view(weight.shape)
+
+
 class _PointwiseConvNHWC(torch.autograd.Function):
-    """1x1 convolution of a channels_last `x (B, C, H, W)` by `weight (K, C, 1, 1)` as GEMMs on the `(B*H*W, C)`
-    view. The output is a channels_last tensor of its own (not a view), so in-place ops after it (ResNet's
-    `out += shortcut`, `relu_`) cost nothing extra."""
+    """`pointwise_conv` with its backward, also GEMMs on the pixel rows. The output is a tensor of its own, so
+    in-place ops after it (ResNet's `out += shortcut`, `relu_`) cost nothing extra."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        batch, channels, height, width = x.shape
-        out = torch.empty((batch, weight.shape[0], height, width), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
-        out_2d = out.permute(0, 2, 3, 1).view(-1, weight.shape[0])
-        x_2d = x.permute(0, 2, 3, 1).view(-1, channels)
-        weight_2d = weight.reshape(weight.shape[0], channels).t()
-        if bias is None:
-            torch.mm(x_2d, weight_2d, out=out_2d)
-        else:
-            torch.addmm(bias, x_2d, weight_2d, out=out_2d)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return out
+        return pointwise_conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         batch, channels, height, width = x.shape
-        out_channels = weight.shape[0]
-        grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, out_channels)  # a view when grad is channels_last
+        grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])  # a view when grad is channels_last
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_2d.mm(weight.reshape(out_channels, channels)).view(batch, height, width, channels)
-            grad_x = grad_x.permute(0, 3, 1, 2)
+            grad_x = grad_2d.mm(kernel_matrix(weight)).view(batch, height, width, channels).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            x_2d = x.permute(0, 2, 3, 1).view(-1, channels)
-            grad_weight = grad_2d.t().mm(x_2d).view(weight.shape)
+            grad_weight = pointwise_weight_grad(grad_2d, x, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
         return grad_x, grad_weight, grad_bias
