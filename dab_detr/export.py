@@ -29,6 +29,7 @@ __all__ = [
     "export_metadata",
     "parse_static_size",
     "inference_resize_of",
+    "trace",
 ]
 
 # Opsets the exporter (torch.onnx's dynamo path) writes directly (older ones would need a lossy down-conversion)
@@ -189,31 +190,42 @@ def output_names(raw: bool) -> Tuple[str, ...]:
     return ("pred_logits", "pred_boxes") if raw else ("boxes", "scores", "labels")
 
 
-def export_program(model: nn.Module, path: str, *, raw: bool = False,
-                   static_hw: Optional[Tuple[int, int]] = None, metadata: Optional[Dict[str, str]] = None):
-    """`torch.export` the wrapped `model` (eval mode) and save it to `path` (`torch.export.save`, metadata in its
-    extra files as `metadata.json`). Returns the `ExportedProgram`."""
+def trace(model: nn.Module, *, raw: bool = False, static_hw: Optional[Tuple[int, int]] = None):
+    """`torch.export` of the wrapped `model` (eval mode, no grad): the `ExportedProgram` that `export_program` saves
+    and `export_onnx` translates (pass it to both to trace once)."""
     wrapper = ExportableDetector(model.eval(), raw).eval()
     with torch.no_grad():
-        program = torch.export.export(wrapper, _example_inputs(model, static_hw),
-                                      dynamic_shapes=_dynamic_shapes(model, static_hw))
+        return torch.export.export(wrapper, _example_inputs(model, static_hw),
+                                   dynamic_shapes=_dynamic_shapes(model, static_hw))
+
+
+def export_program(model: nn.Module, path: str, *, raw: bool = False,
+                   static_hw: Optional[Tuple[int, int]] = None, metadata: Optional[Dict[str, str]] = None,
+                   program=None):
+    """Save the wrapped `model`'s `ExportedProgram` (`program` if given, from `trace` with the same `raw` and
+    `static_hw`, else traced here) to `path` (`torch.export.save`, metadata in its extra files as
+    `metadata.json`). Returns the program."""
+    if program is None:
+        program = trace(model, raw=raw, static_hw=static_hw)
     torch.export.save(program, path, extra_files={"metadata.json": json.dumps(metadata or {})})
     return program
 
 
 def export_onnx(model: nn.Module, path: str, *, opset: int = DEFAULT_OPSET, raw: bool = False,
-                static_hw: Optional[Tuple[int, int]] = None, metadata: Optional[Dict[str, str]] = None) -> None:
-    """ONNX file at `path` (torch.onnx's dynamo exporter), with `metadata` in its `metadata_props`; checked by
-    `onnx.checker`."""
+                static_hw: Optional[Tuple[int, int]] = None, metadata: Optional[Dict[str, str]] = None,
+                program=None) -> None:
+    """ONNX file at `path` (torch.onnx's dynamo exporter translating the wrapped `model`'s `ExportedProgram`:
+    `program` if given, from `trace` with the same `raw` and `static_hw`, else traced here), with `metadata` in
+    its `metadata_props`; checked by `onnx.checker`."""
     import onnx
 
     check_onnx_opset(opset, model)
-    wrapper = ExportableDetector(model.eval(), raw).eval()
+    if program is None:
+        program = trace(model, raw=raw, static_hw=static_hw)
     with torch.no_grad():
         program = torch.onnx.export(
-            wrapper, _example_inputs(model, static_hw), dynamo=True, opset_version=opset,
-            input_names=["images", "image_sizes"], output_names=list(output_names(raw)),
-            dynamic_shapes=_dynamic_shapes(model, static_hw), optimize=True, verbose=False,
+            program, dynamo=True, opset_version=opset, input_names=["images", "image_sizes"],
+            output_names=list(output_names(raw)), optimize=True, verbose=False,
         )
     proto = program.model_proto
     written = {imp.domain: imp.version for imp in proto.opset_import}.get("", None)
