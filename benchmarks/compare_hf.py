@@ -12,6 +12,9 @@ them alternately (ABBA order, medians after warm-up, the same input and thread c
 - inference, 1x3x640x640 and 1x3x800x1333 (`forward_raw` vs HF `forward`: both return logits and boxes);
 - one training step, 2x3x512x512 with the same targets: forward + loss + backward + fused AdamW step, the stem frozen in
   both (our `freeze_at=1`), dropout 0, auxiliary losses on, HF's class-loss weight set to ours (1);
+- the memory each training step touched for the first time (minor page faults, median MiB): glibc serves a
+  tensor of 32 MiB or more with a fresh mapping, so a step pays ~8 ms per 32 MiB it writes there; how much a step
+  faults in depends on the heap the two models leave each other, and it moves HF's step time most;
 - peak memory: each model in a fresh subprocess that loads the same weights, returns freed heap to the OS
   (`malloc_trim`), resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), runs two inferences (or two
   training steps) and reports the peak RSS above the loaded-model baseline;
@@ -132,6 +135,7 @@ def time_training(report, ours, hf, plan, device: str, amp: bool) -> None:
         images, targets = make_images(2, size, device=device), make_targets(2, device=device)
         steps = {"ours": ours_train_step(ours, images, targets, amp), "hf": hf_train_step(hf, images, targets, amp)}
         first_loss = {name: float(step()) for name, step in steps.items()}  # same weights: the same loss expected
+        steps, faults = measure.count_page_faults(steps)
         times = measure.alternate(steps, plan["warmup"] - 1, plan["train_runs"], device)
         shape = f"2x3x{size[0]}x{size[1]}"
         ms = measure.median_ms(times)
@@ -140,6 +144,9 @@ def time_training(report, ours, hf, plan, device: str, amp: bool) -> None:
         report.add(f"train_images_per_s_{size[0]}x{size[1]}", 2e3 / ms["ours"], 2e3 / ms["hf"], shape=shape)
         if i == 0:
             report.add("train_first_loss", first_loss["ours"], first_loss["hf"])
+            if device == "cpu":  # the timed calls only
+                report.add("train_page_faults_mib", *(statistics.median(faults[name][-plan["train_runs"]:])
+                                                      for name in ("ours", "hf")), shape=shape)
     ours.eval(), hf.eval()
 
 

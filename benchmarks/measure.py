@@ -44,6 +44,23 @@ def alternate(fns: Dict[str, Callable], warmup: int, runs: int, device: str = "c
     return times
 
 
+def count_page_faults(fns: Dict[str, Callable]) -> Tuple[Dict[str, Callable], Dict[str, List[float]]]:
+    """`fns` wrapped to record, per call, the MiB of memory this process touched for the first time (minor page
+    faults: fresh allocations the C library got from the kernel), in call order."""
+    faults = {name: [] for name in fns}
+    page_mib = resource.getpagesize() / 2 ** 20
+
+    def wrapped(name: str, fn: Callable) -> Callable:
+        def run():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            result = fn()
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * page_mib)
+            return result
+        return run
+
+    return {name: wrapped(name, fn) for name, fn in fns.items()}, faults
+
+
 def gemm_gflops(n: int = 2048, runs: int = 5, device: str = "cpu") -> float:
     """GFLOP/s of a plain fp32 n x n x n matmul (2 n^3 FLOPs) on `device`, median of `runs`."""
     g = torch.Generator().manual_seed(0)

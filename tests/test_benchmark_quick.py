@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -15,7 +16,7 @@ pytest.importorskip("fvcore")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_hf.py")
 REQUIRED = {"infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb", "max_abs_diff", "gemm_efficiency",
-            "synthetic_train_step_ms"}
+            "synthetic_train_step_ms", "train_page_faults_mib"}
 
 
 def _load_script():
@@ -51,6 +52,7 @@ def test_quick_run_reports_agreement_and_every_metric(tmp_path):
         row = rows[name]
         assert row["ours"] > 0 and row["hf"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
     assert rows["gemm_efficiency"]["ours"] > 0
+    assert rows["train_page_faults_mib"]["ours"] >= 0 and rows["train_page_faults_mib"]["hf"] >= 0
     assert rows["train_step_512_ms"]["trainable_params"] > 0
     params = rows["synthetic_train_step_ms"]["params"]  # the make-train model against HF's built the same
     assert params["ours"] == params["hf"] > 0
@@ -106,3 +108,17 @@ def test_amp_speed_quick_run_times_bf16_against_fp32(tmp_path):
     for row in rows.values():
         assert row["ours"] > 0 and row["hf"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
         assert all(math.isfinite(v) for v in row["first_loss"].values())
+
+
+def test_page_faults_count_the_fresh_memory_a_call_writes():
+    from benchmarks import measure
+
+    kept = []
+    fns, faults = measure.count_page_faults({
+        "fresh": lambda: kept.append(torch.ones(64 << 18)),  # 64 MiB written: a fresh mapping of glibc's
+        "none": lambda: None,
+    })
+    fns["fresh"](), fns["none"](), fns["fresh"]()
+    assert [len(faults["fresh"]), len(faults["none"])] == [2, 1]
+    assert all(60 <= mib <= 70 for mib in faults["fresh"]), faults
+    assert faults["none"][0] < 1
