@@ -223,11 +223,11 @@ def export_onnx(model: nn.Module, path: str, *, opset: int = DEFAULT_OPSET, raw:
     if program is None:
         program = trace(model, raw=raw, static_hw=static_hw)
     with torch.no_grad():
-        program = torch.onnx.export(
+        onnx_program = torch.onnx.export(
             program, dynamo=True, opset_version=opset, input_names=["images", "image_sizes"],
             output_names=list(output_names(raw)), optimize=True, verbose=False,
         )
-    proto = program.model_proto
+    proto = onnx_program.model_proto
     written = {imp.domain: imp.version for imp in proto.opset_import}.get("", None)
     if written != opset:
         raise ExportError(f"--opset {opset}: the exporter wrote opset {written}")
