@@ -13,8 +13,9 @@ them alternately (ABBA order, medians after warm-up, the same input and thread c
 - one training step, 2x3x512x512 with the same targets: forward + loss + backward + fused AdamW step, the stem frozen in
   both (our `freeze_at=1`), dropout 0, auxiliary losses on, HF's class-loss weight set to ours (1);
 - the memory each training step touched for the first time (minor page faults, median MiB): glibc serves a
-  tensor of 32 MiB or more with a fresh mapping, so a step pays ~8 ms per 32 MiB it writes there; how much a step
-  faults in depends on the heap the two models leave each other, and it moves HF's step time most;
+  tensor of 32 MiB or more with a fresh mapping unless its heap has that much free, so a step can pay ~8 ms per
+  32 MiB it writes; how much a step faults in depends on the heap the two models leave each other, and it moves
+  HF's step time most;
 - peak memory: each model in a fresh subprocess that loads the same weights, returns freed heap to the OS
   (`malloc_trim`), resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), runs two inferences (or two
   training steps) and reports the peak RSS above the loaded-model baseline;
