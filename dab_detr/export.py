@@ -192,7 +192,7 @@ def output_names(raw: bool) -> Tuple[str, ...]:
 
 def trace(model: nn.Module, *, raw: bool = False, static_hw: Optional[Tuple[int, int]] = None):
     """`torch.export` of the wrapped `model` (eval mode, no grad): the `ExportedProgram` that `export_program` saves
-    and `export_onnx` translates (pass it to both to trace once)."""
+    (and returns) and `export_onnx` translates."""
     wrapper = ExportableDetector(model.eval(), raw).eval()
     with torch.no_grad():
         return torch.export.export(wrapper, _example_inputs(model, static_hw),
@@ -200,13 +200,11 @@ def trace(model: nn.Module, *, raw: bool = False, static_hw: Optional[Tuple[int,
 
 
 def export_program(model: nn.Module, path: str, *, raw: bool = False,
-                   static_hw: Optional[Tuple[int, int]] = None, metadata: Optional[Dict[str, str]] = None,
-                   program=None):
-    """Save the wrapped `model`'s `ExportedProgram` (`program` if given, from `trace` with the same `raw` and
-    `static_hw`, else traced here) to `path` (`torch.export.save`, metadata in its extra files as
-    `metadata.json`). Returns the program."""
-    if program is None:
-        program = trace(model, raw=raw, static_hw=static_hw)
+                   static_hw: Optional[Tuple[int, int]] = None, metadata: Optional[Dict[str, str]] = None):
+    """`trace` the wrapped `model` and save the program to `path` (`torch.export.save`, metadata in its extra files
+    as `metadata.json`). Returns the `ExportedProgram` (for `export_onnx(..., program=)`, which then need not trace
+    again)."""
+    program = trace(model, raw=raw, static_hw=static_hw)
     torch.export.save(program, path, extra_files={"metadata.json": json.dumps(metadata or {})})
     return program
 
