@@ -7,9 +7,10 @@ from typing import Dict, List, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert
 from torchvision.ops import sigmoid_focal_loss as _sigmoid_focal_loss
 
+from .box_ops import generalized_box_iou_loss
 from .denoising import denoising_losses
 from .matcher import HungarianMatcher, Indices
 from .targets import TargetBatch, collate_targets
@@ -120,10 +121,8 @@ class SetCriterion(nn.Module):
         tgt_boxes = targets.boxes[target_idx].to(src_boxes.dtype)
         loss_bbox = torch.zeros(num_layers, dtype=src_boxes.dtype, device=src_boxes.device)
         loss_bbox = loss_bbox.index_add(0, layer_idx, (src_boxes - tgt_boxes).abs().sum(-1))
-        # 1 - GIoU of the matched pairs only (torchvision's elementwise loss, no N x N matrix)
-        giou = generalized_box_iou_loss(
-            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="none"
-        )
+        # 1 - GIoU of the matched pairs only (elementwise, no N x N matrix)
+        giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
         loss_giou = torch.zeros_like(loss_bbox).index_add(0, layer_idx, giou)
         return {
             "loss_class": self.loss_class * loss_class / num_boxes,

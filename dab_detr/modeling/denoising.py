@@ -13,11 +13,10 @@ import logging
 from typing import Dict, List, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from .box_ops import inverse_sigmoid
+from .box_ops import generalized_box_iou_loss, inverse_sigmoid
 from .targets import TargetBatch
 
 logger = logging.getLogger(__name__)
@@ -213,17 +212,19 @@ def denoising_losses(
     and divided by G * num_boxes; padding slots get no loss. The weights are the matching losses' (1, 5, 2).
     """
     normaliser = num_boxes * layout.groups
-    labels = targets.labels[layout.target_idx]
-    boxes = box_convert(targets.boxes[layout.target_idx], "cxcywh", "xyxy")
+    target_boxes = targets.boxes[layout.target_idx]  # (G*T, 4) cxcywh
+    target_xyxy = box_convert(target_boxes, "cxcywh", "xyxy")
+    # scattered, not F.one_hot: that one checks the labels' range, a host sync (they were checked once this step)
+    onehot = dn_outputs["pred_logits"].new_zeros(len(layout.target_idx), dn_outputs["pred_logits"].shape[-1])
+    onehot.scatter_(1, targets.labels[layout.target_idx][:, None], 1)
     layers = [("", dn_outputs)] + [(f"_{i}", aux) for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
     losses: Dict[str, Tensor] = {}
     for suffix, out in layers:
         logits = out["pred_logits"][layout.batch_idx, layout.query_idx]  # (G*T, C)
         pred_boxes = out["pred_boxes"][layout.batch_idx, layout.query_idx]  # (G*T, 4)
-        onehot = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-        focal = sigmoid_focal_loss(logits, onehot, focal_alpha, focal_gamma, reduction="sum")
-        l1 = (pred_boxes - targets.boxes[layout.target_idx].to(pred_boxes.dtype)).abs().sum()
-        giou = generalized_box_iou_loss(box_convert(pred_boxes, "cxcywh", "xyxy"), boxes, reduction="sum")  # 1 - GIoU
+        focal = sigmoid_focal_loss(logits, onehot.to(logits.dtype), focal_alpha, focal_gamma, reduction="sum")
+        l1 = (pred_boxes - target_boxes.to(pred_boxes.dtype)).abs().sum()
+        giou = generalized_box_iou_loss(box_convert(pred_boxes, "cxcywh", "xyxy"), target_xyxy).sum()  # 1 - GIoU
         losses["loss_class_dn" + suffix] = loss_class * focal / normaliser
         losses["loss_bbox_dn" + suffix] = loss_bbox * l1 / normaliser
         losses["loss_giou_dn" + suffix] = loss_giou * giou / normaliser

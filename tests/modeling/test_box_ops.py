@@ -9,6 +9,7 @@ from dab_detr.modeling.box_ops import (
     box_iou,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
+    generalized_box_iou_loss,
     inverse_sigmoid,
 )
 
@@ -127,3 +128,31 @@ def test_torchvision_giou_equals_the_previous_formula():
     b = box_cxcywh_to_xyxy(torch.rand(7, 4, generator=g) * 0.5 + 0.05)
     torch.testing.assert_close(tv_giou(a, b), _old_generalized_box_iou(a, b))
     torch.testing.assert_close(generalized_box_iou(a, b), _old_generalized_box_iou(a, b))
+
+
+def test_giou_loss_of_pairs_equals_torchvisions_values_and_gradients():
+    """Same values and gradients as `torchvision.ops.generalized_box_iou_loss`: overlapping, disjoint, touching,
+    identical, nested and zero-area pairs, with leading batch dimensions."""
+    from torchvision.ops import generalized_box_iou_loss as torchvision_loss
+
+    g = torch.Generator().manual_seed(0)
+    corner = torch.rand(2, 300, 2, generator=g)
+    boxes1 = torch.cat([corner, corner + torch.rand(2, 300, 2, generator=g) * 0.5], -1)
+    corner = torch.rand(2, 300, 2, generator=g)
+    boxes2 = torch.cat([corner, corner + torch.rand(2, 300, 2, generator=g) * 0.5], -1)
+    boxes2[:, :5] = boxes1[:, :5]  # identical
+    boxes2[:, 5:10, :2] = boxes1[:, 5:10, 2:]  # touching at a corner
+    boxes2[:, 5:10, 2:] = boxes1[:, 5:10, 2:] + 0.1
+    quarter = (boxes1[:, 10:15, 2:] - boxes1[:, 10:15, :2]) / 4  # nested: the middle half of boxes1
+    boxes2[:, 10:15] = torch.cat([boxes1[:, 10:15, :2] + quarter, boxes1[:, 10:15, 2:] - quarter], -1)
+    boxes1[:, 15:20, 2:] = boxes1[:, 15:20, :2]  # zero area
+    ours = boxes1.clone().requires_grad_()
+    theirs = boxes1.clone().requires_grad_()
+    loss = generalized_box_iou_loss(ours, boxes2)
+    expected = torchvision_loss(theirs.flatten(0, 1), boxes2.flatten(0, 1)).view(2, 300)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert (loss[:, :5].abs() < 1e-4).all() and (loss[:, 20:] > 0).all() and (loss <= 2).all()
+    weights = torch.rand(loss.shape, generator=g)
+    (loss * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)

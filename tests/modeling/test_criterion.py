@@ -143,17 +143,16 @@ def test_torchvision_focal_loss_equals_the_previous_code(alpha, gamma):
 
 
 def test_elementwise_giou_loss_equals_the_diagonal_of_the_pairwise_giou():
-    """torchvision's `generalized_box_iou_loss` (matched pairs only) against the N x N matrix's diagonal used before."""
-    from torchvision.ops import generalized_box_iou_loss
-
-    from dab_detr.modeling.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+    """The loss of matched pairs only (`box_ops.generalized_box_iou_loss`) against the N x N matrix's diagonal used
+    before."""
+    from dab_detr.modeling.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, generalized_box_iou_loss
 
     g = torch.Generator().manual_seed(8)
     src = box_cxcywh_to_xyxy(torch.rand(40, 4, generator=g) * 0.5 + 0.05)
     tgt = box_cxcywh_to_xyxy(torch.rand(40, 4, generator=g) * 0.5 + 0.05)
     old = (1 - torch.diag(generalized_box_iou(src, tgt))).sum()
-    # torchvision adds eps=1e-7 to the union and the hull: equal to ~1e-7 relative at these box sizes
-    torch.testing.assert_close(generalized_box_iou_loss(src, tgt, reduction="sum"), old, rtol=1e-5, atol=1e-6)
+    # the loss adds eps=1e-7 to the union and the hull (as torchvision's): equal to ~1e-7 relative at these sizes
+    torch.testing.assert_close(generalized_box_iou_loss(src, tgt).sum(), old, rtol=1e-5, atol=1e-6)
 
 
 def test_target_batch_is_checked_once_and_reused_for_every_layer(monkeypatch):
