@@ -122,7 +122,9 @@ class SetCriterion(nn.Module):
         loss_bbox = torch.zeros(num_layers, dtype=src_boxes.dtype, device=src_boxes.device)
         loss_bbox = loss_bbox.index_add(0, layer_idx, (src_boxes - tgt_boxes).abs().sum(-1))
         # 1 - GIoU of the matched pairs only (elementwise, no N x N matrix)
-        giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        giou = generalized_box_iou_loss(
+            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+        )
         loss_giou = torch.zeros_like(loss_bbox).index_add(0, layer_idx, giou)
         return {
             "loss_class": self.loss_class * loss_class / num_boxes,
