@@ -1,7 +1,8 @@
 """detectron2 glue for DAB-Deformable-DETR: DAB-DETR's glue with several backbone levels and an encoder loss.
 
 Preprocessing, padding masks, target preparation, top-k inference and `Instances` are `DABDETR`'s; only the
-head connection (several `in_features`), the raw forward and (two-stage) the encoder loss differ.
+head connection (several `in_features`) and the raw forward differ; the two-stage encoder loss is the criterion's
+(`outputs["enc_outputs"]`).
 """
 from typing import Dict, Optional, Sequence
 
@@ -9,7 +10,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 from detectron2.structures import ImageList
-from torch import Tensor, nn
+from torch import nn
 
 from .meta_arch import DABDETR
 from .modeling.dab_deformable_head import DabDeformableDetrHead
@@ -24,7 +25,8 @@ class DABDeformableDETR(DABDETR):
     res3, res4, res5); the head adds its extra stride-2 levels up to `num_feature_levels`.
 
     In training, with a two-stage head, the criterion also scores the selected encoder proposals
-    (losses suffixed `_enc`), as detrex does (same classes and matching as the decoder outputs).
+    (losses suffixed `_enc`), as detrex does (same classes and matching as the decoder outputs, matched in the
+    same call).
     """
 
     min_onnx_opset = 16  # deformable attention samples with grid_sample (ONNX GridSample, opset 16)
@@ -89,10 +91,3 @@ class DABDeformableDETR(DABDETR):
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
         return self.head([features[f] for f in self.in_features], self.padding_mask(images, x.shape[-2:]), targets)
-
-    def losses(self, outputs: Dict[str, object], targets) -> Dict[str, Tensor]:
-        losses = self.criterion(outputs, targets)
-        if "enc_outputs" in outputs:
-            enc = self.criterion(outputs["enc_outputs"], targets)
-            losses.update({k + "_enc": v for k, v in enc.items()})
-        return losses

@@ -137,7 +137,9 @@ class SetCriterion(nn.Module):
         Args:
             outputs: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) of the last layer, optional
                 "aux_outputs": list of the same dicts for decoder layers 0 .. L-2; with denoising training also
-                "dn_outputs" and "dn_layout" (losses `loss_*_dn`, `loss_*_dn_{i}`: `denoising.denoising_losses`).
+                "dn_outputs" and "dn_layout" (losses `loss_*_dn`, `loss_*_dn_{i}`: `denoising.denoising_losses`);
+                with two-stage DAB-Deformable-DETR "enc_outputs", the encoder's selected proposals (B, Q, ...)
+                (losses `loss_*_enc`, matched in the same call as the decoder layers).
             targets: a `TargetBatch` (checked once per step by the meta-architecture), or B dicts with
                 "labels" (n_i,) and "boxes" (n_i, 4) normalised cxcywh.
         Returns:
@@ -147,6 +149,8 @@ class SetCriterion(nn.Module):
         layers = [("", outputs, "outputs")] + [
             (f"_{i}", aux, f"outputs['aux_outputs'][{i}]") for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]
+        if "enc_outputs" in outputs:
+            layers.append(("_enc", outputs["enc_outputs"], "outputs['enc_outputs']"))
         for _, layer_outputs, name in layers:
             self._check_outputs(layer_outputs, name)
         device = outputs["pred_logits"].device
@@ -157,12 +161,13 @@ class SetCriterion(nn.Module):
         layer_outputs = [layer for _, layer, _ in layers]
         indices = self.matcher.match_layers(layer_outputs, targets)
         per_layer = self.layer_losses(layer_outputs, indices, targets, num_boxes)
-        losses = {}
-        for i, (suffix, _, _) in enumerate(layers):
-            losses.update({k + suffix: v[i] for k, v in per_layer.items()})
+        by_layer = [{k + suffix: v[i] for k, v in per_layer.items()} for i, (suffix, _, _) in enumerate(layers)]
+        losses = {k: v for layer in by_layer[: len(layers) - ("enc_outputs" in outputs)] for k, v in layer.items()}
         if "dn_outputs" in outputs:
             losses.update(denoising_losses(
                 outputs["dn_outputs"], outputs["dn_layout"], targets, num_boxes, self.loss_class, self.loss_bbox,
                 self.loss_giou, self.focal_alpha, self.focal_gamma,
             ))
+        if "enc_outputs" in outputs:  # last, as when the encoder had a criterion call of its own
+            losses.update(by_layer[-1])
         return losses

@@ -82,6 +82,11 @@ class HungarianMatcher(nn.Module):
                     f"got {tuple(pred_logits.shape)} and {tuple(pred_boxes.shape)}"
                 )
         batch_size, num_queries, _ = layers[0]["pred_logits"].shape
+        if any(layer["pred_logits"].shape[:2] != (batch_size, num_queries) for layer in layers):
+            raise ValueError(
+                f"HungarianMatcher: all layers matched at once need the same (B, Q), got "
+                f"{[tuple(layer['pred_logits'].shape[:2]) for layer in layers]}"
+            )
         sizes = targets.sizes
         if targets.labels.numel() == 0:
             return [[_empty_match() for _ in range(batch_size)] for _ in layers]

@@ -221,6 +221,28 @@ def test_aux_losses_are_suffixed_and_matched_per_layer():
     assert losses["loss_bbox_0"] != losses["loss_bbox_1"]
 
 
+def test_encoder_proposals_are_matched_with_the_decoder_layers_and_scored_as_alone():
+    """Two-stage: `enc_outputs` gets `loss_*_enc`, the same losses as a criterion call of its own (its own matching),
+    from the matcher's one call; and a proposal count other than the decoder's is a clear error."""
+    num_classes = 3
+    outputs = _outputs(2, 6, num_classes, num_aux=1, seed=8)
+    outputs["enc_outputs"] = _outputs(2, 6, num_classes, seed=9)
+    targets = _targets([3, 2], num_classes, seed=10)
+    matcher = HungarianMatcher()
+    calls = []
+    match_layers = matcher.match_layers
+    matcher.match_layers = lambda layers, t: calls.append(len(layers)) or match_layers(layers, t)
+    criterion = SetCriterion(num_classes, matcher)
+    losses = criterion(outputs, targets)
+    assert calls == [3] and set(losses) == _keys(1) | {name + "_enc" for name in LOSS_NAMES}
+    alone = criterion(outputs["enc_outputs"], targets)
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(losses[name + "_enc"], alone[name])
+    outputs["enc_outputs"] = _outputs(2, 5, num_classes, seed=9)
+    with pytest.raises(ValueError, match=r"same \(B, Q\)"):
+        criterion(outputs, targets)
+
+
 def test_image_without_targets_gives_finite_losses():
     num_classes = 3
     outputs = _outputs(2, 5, num_classes, num_aux=1, seed=8)
