@@ -161,13 +161,15 @@ class SetCriterion(nn.Module):
         layer_outputs = [layer for _, layer, _ in layers]
         indices = self.matcher.match_layers(layer_outputs, targets)
         per_layer = self.layer_losses(layer_outputs, indices, targets, num_boxes)
-        by_layer = [{k + suffix: v[i] for k, v in per_layer.items()} for i, (suffix, _, _) in enumerate(layers)]
-        losses = {k: v for layer in by_layer[: len(layers) - ("enc_outputs" in outputs)] for k, v in layer.items()}
+        by_suffix = {
+            suffix: {k + suffix: v[i] for k, v in per_layer.items()} for i, (suffix, _, _) in enumerate(layers)
+        }
+        encoder = by_suffix.pop("_enc", {})
+        losses = {k: v for layer in by_suffix.values() for k, v in layer.items()}
         if "dn_outputs" in outputs:
             losses.update(denoising_losses(
                 outputs["dn_outputs"], outputs["dn_layout"], targets, num_boxes, self.loss_class, self.loss_bbox,
                 self.loss_giou, self.focal_alpha, self.focal_gamma,
             ))
-        if "enc_outputs" in outputs:  # last, as when the encoder had a criterion call of its own
-            losses.update(by_layer[-1])
+        losses.update(encoder)  # last, as when the encoder's proposals had a criterion call of their own
         return losses
