@@ -229,14 +229,19 @@ class DABDETR(nn.Module):
     def prepare_targets(self, instances: List[Instances]) -> TargetBatch:
         """Instances (abs xyxy in the augmented image) -> one checked `TargetBatch` for the whole step: labels
         (T,), boxes (T, 4) cxcywh / image size, concatenated over the batch (the matcher and the criterion reuse it
-        for every decoder layer)."""
+        for every decoder layer). Normalised and checked where the loader left them (the host): no device sync."""
         sizes = [len(inst) for inst in instances]
-        scale = torch.tensor([[w, h, w, h] for h, w in (inst.image_size for inst in instances)], dtype=torch.float32)
-        boxes = torch.cat([inst.gt_boxes.tensor for inst in instances]).to(self.device)
-        scale = scale.repeat_interleave(torch.tensor(sizes), dim=0).to(boxes.device, boxes.dtype, non_blocking=True)
+        boxes = torch.cat([inst.gt_boxes.tensor for inst in instances])
+        image_sizes = [inst.image_size for inst in instances]
+        scale = torch.tensor([[w, h, w, h] for (h, w), n in zip(image_sizes, sizes) for _ in range(n)],
+                             dtype=boxes.dtype, device=boxes.device).reshape(-1, 4)
         boxes = box_xyxy_to_cxcywh(boxes) / scale
-        labels = torch.cat([inst.gt_classes for inst in instances]).to(self.device)
-        return check_target_batch(labels, boxes, sizes, self.num_classes)
+        labels = torch.cat([inst.gt_classes for inst in instances])
+        checked = check_target_batch(labels, boxes, sizes, self.num_classes)
+        return checked._replace(
+            labels=checked.labels.to(self.device, non_blocking=True),
+            boxes=checked.boxes.to(self.device, non_blocking=True),
+        )
 
     def inference(self, pred_logits: Tensor, pred_boxes: Tensor, image_sizes) -> List[Instances]:
         """Top-`num_select` (query, class) pairs per image; boxes in absolute xyxy of the unpadded image."""

@@ -99,15 +99,20 @@ def _read_site() -> str:
     return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
 
 
+def _names_a_device(args, kwargs) -> bool:
+    """Whether `Tensor.to(*args, **kwargs)` names a device (a move), not only a dtype."""
+    return "device" in kwargs or any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args)
+
+
 @contextlib.contextmanager
 def count_host_reads(device_tensors):
     """Record every place where the body reads the values of a device tensor on the host: `.cpu()` / `.numpy()` /
     `.tolist()` of it, a scalar out of it (`.item()`, `bool()`, `float()`), an op whose output size depends on its
     values (`nonzero`, boolean-mask indexing, `repeat_interleave` by a tensor, ...). On a GPU each is a
     host-device sync; on the CPU it is found by following which tensors derive from `device_tensors` (a model's
-    parameters and buffers, a batch's tensors) through every op, and from `.to(...)` (a move to the model's
-    device). Host copies must be spelled `.cpu()` to be seen: on the CPU `.to("cpu")` cannot be told from a move to
-    the device. Yields the list of `(what, where)` it fills, `where` being `file:line` of the innermost frame
+    parameters and buffers) through every op, and from `.to(device)` (a move to the model's device; `.to(dtype)`
+    alone is not one). Host copies must be spelled `.cpu()` to be seen: on the CPU `.to("cpu")` cannot be told
+    from a move to the device. Yields the list of `(what, where)` it fills, `where` being `file:line` of the innermost frame
     outside torch, or "backward of <node>"."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -144,7 +149,7 @@ def count_host_reads(device_tensors):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             name = getattr(func, "__name__", "")
-            if name == "to" and args and isinstance(args[0], torch.Tensor):
+            if name == "to" and args and isinstance(args[0], torch.Tensor) and _names_a_device(args[1:], kwargs):
                 out = func(*args, **kwargs)
                 on_device[out] = True
                 return out

@@ -1,4 +1,4 @@
-"""One DETR training step: forward, non-finite check, backward, gradient clipping, optimizer step."""
+"""One DETR training step: forward, backward, gradient clipping, non-finite check, optimizer step."""
 import logging
 import math
 import random
@@ -65,10 +65,6 @@ class DetrTrainer(SimpleTrainer):
         with torch.autocast(self._device_type, dtype=self._amp_dtype, enabled=self.amp):
             loss_dict = self.model(data)
         losses = sum(loss_dict.values())
-        # Every loss term reaches the host in one copy (one sync on an accelerator instead of one per term): the
-        # finiteness check and the logged metrics both read it.
-        host_losses = dict(zip(loss_dict, torch.stack([v.detach().float() for v in loss_dict.values()]).cpu()))
-        self._check_finite(losses, host_losses)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -77,8 +73,12 @@ class DetrTrainer(SimpleTrainer):
         else:
             losses.backward()
         self.after_backward()
-
         grad_norm = self._clip_gradients()
+
+        # The step's one read of the device, after the backward (a read before it would hold back the backward's
+        # launch on an accelerator): the loss terms, the gradient norm and whether every rank's loss is finite.
+        host_losses, grad_norm, finite = self._read_step(loss_dict, losses, grad_norm)
+        self._check_finite(finite, host_losses, grad_norm)
         self._write_metrics(host_losses, data_time)
         if grad_norm is not None:
             get_event_storage().put_scalar("grad_norm", grad_norm, smoothing_hint=True)
@@ -107,32 +107,43 @@ class DetrTrainer(SimpleTrainer):
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _clip_gradients(self):
+    def _clip_gradients(self) -> Optional[torch.Tensor]:
+        """Clip all gradients to `clip_max_norm`; their norm before clipping (a device tensor), or None."""
         if self.clip_max_norm is None:
             return None
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm, self.clip_norm_type))  # 1 sync
-        # With a GradScaler, inf/NaN gradients are expected now and then: the scaler skips that step.
-        if self.grad_scaler is None and not math.isfinite(grad_norm):
-            raise NonFiniteLossError(
-                f"Non-finite gradient norm ({grad_norm}) at iteration {self.iter}; "
-                "the weights were not updated. Lower the learning rate or check the data of this iteration."
-            )
-        return grad_norm
+        return torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm, self.clip_norm_type)
 
-    def _check_finite(self, losses, host_losses):
-        """`host_losses`: the loss terms, already on the host."""
+    def _read_step(self, loss_dict, losses, grad_norm):
+        """(loss terms on the host, gradient norm or None, whether every rank's total loss is finite), copied
+        to the host at once."""
+        values = [v.detach().float().reshape(()) for v in loss_dict.values()]
+        if grad_norm is not None:
+            values.append(grad_norm.detach().float().reshape(()))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank must stop together, or the others would wait forever in the next all-reduce.
+            # Every rank must stop together, or the others would wait forever in the next collective.
             finite = torch.isfinite(losses.detach()).to(torch.int32)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         else:
-            finite = all(math.isfinite(float(v)) for v in host_losses.values())
-        if not bool(finite):
+            finite = torch.isfinite(losses.detach())
+        values.append(finite.float().reshape(()))
+        host = torch.stack(values).cpu()
+        host_losses = dict(zip(loss_dict, host))  # 0-dim host tensors, as detectron2's metrics writer takes them
+        return host_losses, (float(host[len(loss_dict)]) if grad_norm is not None else None), bool(host[-1])
+
+    def _check_finite(self, finite: bool, host_losses, grad_norm: Optional[float]):
+        """Raise `NonFiniteLossError` before the optimizer step: a non-finite loss (on any rank), or in fp32 a
+        non-finite gradient norm (with a GradScaler those are expected now and then: the scaler skips the step)."""
+        if not finite or not all(math.isfinite(float(v)) for v in host_losses.values()):
             terms = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(host_losses.items()))
             raise NonFiniteLossError(
                 f"Loss became infinite or NaN at iteration {self.iter} (on at least one worker); "
                 f"the weights were not updated. This worker's losses: {terms}"
+            )
+        if grad_norm is not None and self.grad_scaler is None and not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"Non-finite gradient norm ({grad_norm}) at iteration {self.iter}; "
+                "the weights were not updated. Lower the learning rate or check the data of this iteration."
             )
 
     def state_dict(self):

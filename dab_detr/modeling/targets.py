@@ -1,7 +1,7 @@
 """Ground truth of one batch, validated and concatenated once per training step.
 
-The matcher and the criterion read the same `TargetBatch` for every decoder layer, so the checks (and their one
-host sync) run once per step, not once per layer.
+The matcher and the criterion read the same `TargetBatch` for every decoder layer, so the checks run once per step,
+not once per layer.
 """
 from typing import Dict, List, NamedTuple, Sequence, Union
 
@@ -28,7 +28,8 @@ class TargetBatch(NamedTuple):
 
 
 def check_target_batch(labels: Tensor, boxes: Tensor, sizes: Sequence[int], num_classes: int) -> TargetBatch:
-    """Validate concatenated targets (one host sync) and wrap them; `labels` is cast to int64."""
+    """Validate concatenated targets and wrap them; `labels` is cast to int64. Targets on a device cost one host
+    sync here (the meta-architecture checks them on the host, before moving them)."""
     labels = labels.to(torch.int64)
     if labels.numel() > 0:
         # One host sync for all checks; out-of-range labels would otherwise index out of bounds

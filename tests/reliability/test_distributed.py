@@ -97,3 +97,64 @@ def test_parameter_digests_accept_channels_last_weights():
     model.to(memory_format=torch.channels_last)
     assert model[0].weight.stride(-1) != 1
     assert hooks.parameter_digests(model) == before  # same values, same digest, whatever the layout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A non-finite loss on one process stops both (two real gloo processes, a one-weight model)
+
+
+class _NaNOnRank(torch.nn.Module):
+    """Loss w^2 on every rank, NaN on rank `bad_rank` at iteration 1."""
+
+    def __init__(self, bad_rank: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.bad_rank = bad_rank
+        self.calls = 0
+
+    def forward(self, batch):
+        import torch.distributed as dist
+
+        loss = self.w * self.w
+        if dist.get_rank() == self.bad_rank and self.calls == 1:
+            loss = loss * float("nan")
+        self.calls += 1
+        return {"loss_w": loss}
+
+
+def _train_until_nan(rank: int, init_file: str, results):
+    import torch.distributed as dist
+
+    from dab_detr.engine.trainer import DetrTrainer
+    from dab_detr.errors import NonFiniteLossError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = _NaNOnRank(bad_rank=1)
+    trainer = DetrTrainer(model, [[{}]] * 5, torch.optim.SGD(model.parameters(), lr=0.1), clip_max_norm=1.0)
+    try:
+        trainer.train(0, 5)
+        results[rank] = ("finished", model.w.item())
+    except NonFiniteLossError as e:
+        results[rank] = (str(e), model.w.item())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_process_stops_every_process_before_the_step(tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Manager().dict()
+    procs = [context.Process(target=_train_until_nan, args=(r, str(tmp_path / "init"), results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not any(alive), "a process hung"
+    # iteration 0 stepped both (w = 1 - 0.1 * 1 after clipping the gradient 2 to norm 1), iteration 1 stopped both
+    for rank in (0, 1):
+        message, w = results[rank]
+        assert "Loss became infinite or NaN at iteration 1 (on at least one worker)" in message, dict(results)
+        assert w == pytest.approx(0.9, abs=1e-6), dict(results)
+    assert results[1][0].endswith("loss_w=nan") and results[0][0].endswith("loss_w=0.81")
