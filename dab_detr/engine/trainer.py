@@ -127,7 +127,7 @@ class DetrTrainer(SimpleTrainer):
         else:
             finite = torch.isfinite(losses.detach())
         values.append(finite.float().reshape(()))
-        host = torch.stack(values).cpu()
+        host = torch.stack([v.to(losses.device) for v in values]).cpu()  # the norm may sit on another device
         host_losses = dict(zip(loss_dict, host))  # 0-dim host tensors, as detectron2's metrics writer takes them
         return host_losses, (float(host[len(loss_dict)]) if grad_norm is not None else None), bool(host[-1])
 
