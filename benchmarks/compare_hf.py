@@ -12,6 +12,8 @@ them alternately (ABBA order, medians after warm-up, the same input and thread c
 - inference, 1x3x640x640 and 1x3x800x1333 (`forward_raw` vs HF `forward`: both return logits and boxes);
 - one training step, 2x3x512x512 with the same targets: forward + loss + backward + fused AdamW step, the stem frozen in
   both (our `freeze_at=1`), dropout 0, auxiliary losses on, HF's class-loss weight set to ours (1);
+- the host reads of device memory in one training step (`benchmarks.host_reads`: `.item()`, `.cpu()`, boolean-mask
+  indexing, ...; each is a host-device sync on a GPU), counted the same way on any device;
 - the memory each training step touched for the first time (minor page faults, median MiB): glibc serves a
   tensor of 32 MiB or more with a fresh mapping unless its heap has that much free, so a step can pay ~8 ms per
   32 MiB it writes; how much a step faults in depends on the heap the two models leave each other, and it moves
@@ -39,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from typing import Dict, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +51,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import measure  # noqa: E402
+from benchmarks.host_reads import step_host_reads  # noqa: E402
 from benchmarks.models import (  # noqa: E402
     adamw, as_batched_inputs, autocast, hf_infer, hf_r50, hf_synthetic, hf_train_step, make_images, make_targets,
     ours_full_train_step, ours_infer, ours_r50, ours_synthetic, ours_train_step, trainable_count,
@@ -134,10 +138,12 @@ def time_training(report, ours, hf, plan, device: str, amp: bool) -> None:
     for i, size in enumerate([plan["train"]] + plan.get("train_extra", [])):
         report.log(f"training step 2x3x{size[0]}x{size[1]}")
         images, targets = make_images(2, size, device=device), make_targets(2, device=device)
-        steps = {"ours": ours_train_step(ours, images, targets, amp), "hf": hf_train_step(hf, images, targets, amp)}
+        optimizers = {"ours": adamw(ours), "hf": adamw(hf)}
+        steps = {"ours": ours_train_step(ours, images, targets, amp, optimizer=optimizers["ours"]),
+                 "hf": hf_train_step(hf, images, targets, amp, optimizer=optimizers["hf"])}
         first_loss = {name: float(step()) for name, step in steps.items()}  # same weights: the same loss expected
-        steps, faults = measure.count_page_faults(steps)
-        times = measure.alternate(steps, plan["warmup"] - 1, plan["train_runs"], device)
+        timed, faults = measure.count_page_faults(steps)
+        times = measure.alternate(timed, plan["warmup"] - 1, plan["train_runs"], device)
         shape = f"2x3x{size[0]}x{size[1]}"
         ms = measure.median_ms(times)
         name = "train_step_512_ms" if i == 0 else f"train_step_{size[0]}x{size[1]}_ms"
@@ -145,6 +151,12 @@ def time_training(report, ours, hf, plan, device: str, amp: bool) -> None:
         report.add(f"train_images_per_s_{size[0]}x{size[1]}", 2e3 / ms["ours"], 2e3 / ms["hf"], shape=shape)
         if i == 0:
             report.add("train_first_loss", first_loss["ours"], first_loss["hf"])
+            # each read of device memory by the host is a sync on a GPU; counted the same way on any device
+            inputs = [images, *(t for target in targets for t in target.values())]
+            reads = {name: step_host_reads(step, model, optimizers[name], inputs)
+                     for (name, step), model in zip(steps.items(), (ours, hf))}
+            report.add("train_host_reads", len(reads["ours"]), len(reads["hf"]), shape=shape,
+                       where={name: dict(Counter(where.split(":")[0] for _, where in r)) for name, r in reads.items()})
             if device == "cpu":  # the timed calls only
                 report.add("train_page_faults_mib", *(statistics.median(faults[name][-plan["train_runs"]:])
                                                       for name in ("ours", "hf")), shape=shape)

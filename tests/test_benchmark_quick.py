@@ -16,7 +16,7 @@ pytest.importorskip("fvcore")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_hf.py")
 REQUIRED = {"infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb", "max_abs_diff", "gemm_efficiency",
-            "synthetic_train_step_ms", "train_page_faults_mib"}
+            "synthetic_train_step_ms", "train_page_faults_mib", "train_host_reads"}
 
 
 def _load_script():
@@ -54,6 +54,10 @@ def test_quick_run_reports_agreement_and_every_metric(tmp_path):
     assert rows["gemm_efficiency"]["ours"] > 0
     assert rows["train_page_faults_mib"]["ours"] >= 0 and rows["train_page_faults_mib"]["hf"] >= 0
     assert rows["train_step_512_ms"]["trainable_params"] > 0
+    # host reads (syncs on a GPU) of one step: ours its targets' check and the matcher's one copy; HF's far more
+    reads = rows["train_host_reads"]
+    assert reads["ours"] == 2 and reads["where"]["ours"] == {"targets.py": 1, "matcher.py": 1}
+    assert reads["hf"] > 2 * reads["ours"]
     params = rows["synthetic_train_step_ms"]["params"]  # the make-train model against HF's built the same
     assert params["ours"] == params["hf"] > 0
     # throughput rows (the GPU figures' format): FPS and images/s are the inverse of the timings

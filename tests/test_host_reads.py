@@ -1,6 +1,6 @@
 """Where a training step reads device memory on the host (each read is a host-device sync on a GPU), counted on the
-CPU with `tests.helpers.count_host_reads`: only at the reads the design has, and no more with more decoder layers
-or images. And the GIoU loss that made ten of them per step, rewritten without them."""
+CPU with `benchmarks.host_reads.count_host_reads`: only at the reads the design has, and no more with more decoder
+layers or images. And the GIoU loss that made ten of them per step, rewritten without them."""
 import collections
 import itertools
 import os
@@ -12,9 +12,10 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torchvision.ops import generalized_box_iou_loss as torchvision_giou_loss
 
+from benchmarks.host_reads import count_host_reads
 from dab_detr.engine.trainer import DetrTrainer
 from dab_detr.modeling.box_ops import generalized_box_iou_loss
-from tests.helpers import TINY_SYNTHETIC_OVERRIDES, count_host_reads, torch_threads
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES, torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFORMABLE = ["model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2", "model.head.hidden_dim=32",
