@@ -232,9 +232,10 @@ class DABDETR(nn.Module):
         for every decoder layer). Normalised and checked where the loader left them (the host): no device sync."""
         sizes = [len(inst) for inst in instances]
         boxes = torch.cat([inst.gt_boxes.tensor for inst in instances])
-        image_sizes = [inst.image_size for inst in instances]
-        scale = torch.tensor([[w, h, w, h] for (h, w), n in zip(image_sizes, sizes) for _ in range(n)],
-                             dtype=boxes.dtype, device=boxes.device).reshape(-1, 4)
+        scale = torch.tensor([[w, h, w, h] for h, w in (inst.image_size for inst in instances)], dtype=boxes.dtype)
+        scale = scale.repeat_interleave(torch.tensor(sizes), dim=0, output_size=len(boxes))
+        if scale.device != boxes.device:  # instances a caller put on a device
+            scale = scale.to(boxes.device, non_blocking=True)
         boxes = box_xyxy_to_cxcywh(boxes) / scale
         labels = torch.cat([inst.gt_classes for inst in instances])
         checked = check_target_batch(labels, boxes, sizes, self.num_classes)
