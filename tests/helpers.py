@@ -75,3 +75,24 @@ def assert_label_embedding_gradient(head, has_targets: bool):
     grad = head.denoising.label_embed.weight.grad
     assert grad is not None and torch.isfinite(grad).all()
     assert bool(grad.any()) == has_targets
+
+
+# ---- detectron2 inputs (what the dataset mapper gives a meta-architecture) ----
+def uint8_image(h: int, w: int, seed: int) -> torch.Tensor:
+    """A random `(3, h, w)` uint8 image."""
+    return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def training_inputs(sizes, boxes, classes):
+    """detectron2 training inputs: image i is `uint8_image(*sizes[i], seed=i)` with `Instances` of `boxes[i]` (abs
+    xyxy, a list of 4-lists) and `classes[i]`."""
+    from detectron2.structures import Boxes, Instances
+
+    inputs = []
+    for i, ((h, w), image_boxes, image_classes) in enumerate(zip(sizes, boxes, classes)):
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.tensor(image_boxes, dtype=torch.float32).reshape(-1, 4))
+        instances.gt_classes = torch.tensor(image_classes, dtype=torch.int64)
+        inputs.append({"image": uint8_image(h, w, i), "instances": instances})
+    return inputs
+

@@ -8,14 +8,13 @@ import os
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torchvision.ops import generalized_box_iou_loss as torchvision_giou_loss
 
 from benchmarks.host_reads import count_host_reads
 from dab_detr.engine.trainer import DetrTrainer
 from dab_detr.modeling.box_ops import generalized_box_iou_loss
-from tests.helpers import TINY_SYNTHETIC_OVERRIDES, torch_threads
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES, torch_threads, training_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFORMABLE = ["model.head.num_encoder_layers=1", "model.head.num_decoder_layers=2", "model.head.hidden_dim=32",
@@ -44,15 +43,11 @@ def _model(name: str, *extra: str):
 
 
 def _batch(num_images: int):
-    batch = []
-    for i in range(num_images):
-        h, w = 64 + 16 * (i % 2), 96 - 16 * (i % 3)
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [10.0, 2.0, 50.0, 30.0]])[: 1 + i % 2])
-        inst.gt_classes = torch.tensor([1, 3])[: 1 + i % 2]
-        image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
-        batch.append({"image": image, "instances": inst})
-    return batch
+    """Images of a few sizes with one or two boxes each."""
+    boxes, classes = [[4.0, 6.0, 30.0, 40.0], [10.0, 2.0, 50.0, 30.0]], [1, 3]
+    sizes = [(64 + 16 * (i % 2), 96 - 16 * (i % 3)) for i in range(num_images)]
+    counts = [1 + i % 2 for i in range(num_images)]
+    return training_inputs(sizes, [boxes[:n] for n in counts], [classes[:n] for n in counts])
 
 
 def _device_tensors(model):

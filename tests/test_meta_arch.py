@@ -14,6 +14,7 @@ from dab_detr.meta_arch import DABDETR
 from dab_detr.modeling.criterion import SetCriterion
 from dab_detr.modeling.dab_detr_head import DabDetrHead
 from dab_detr.modeling.matcher import HungarianMatcher
+from tests.helpers import training_inputs, uint8_image
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -40,10 +41,6 @@ def _tiny_model(num_classes=4, criterion=True, num_select=10, **head_kwargs) -> 
                    pixel_std=STD, num_select=num_select)
 
 
-def _image(h, w, seed):
-    return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
 def _assert_same_instances(a: Instances, b: Instances):
     torch.testing.assert_close(a.scores, b.scores)
     torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
@@ -52,7 +49,7 @@ def _assert_same_instances(a: Instances, b: Instances):
 
 def test_inference_returns_k_sane_instances_at_the_requested_size():
     model = _tiny_model(num_select=10).eval()
-    inputs = [{"image": _image(100, 150, 0), "height": 200, "width": 300}, {"image": _image(64, 70, 1)}]
+    inputs = [{"image": uint8_image(100, 150, 0), "height": 200, "width": 300}, {"image": uint8_image(64, 70, 1)}]
     with torch.no_grad():
         outputs = model(inputs)
     for out, (h, w) in zip(outputs, [(200, 300), (64, 70)]):
@@ -80,7 +77,7 @@ def test_inference_picks_top_query_class_pairs_and_scales_by_the_unpadded_size()
 
 def test_an_images_result_does_not_depend_on_the_rest_of_the_batch():
     model = _tiny_model().eval()
-    big, other_big, small = _image(128, 160, 0), _image(128, 160, 2), _image(70, 90, 1)
+    big, other_big, small = uint8_image(128, 160, 0), uint8_image(128, 160, 2), uint8_image(70, 90, 1)
     with torch.no_grad():
         alone = model([{"image": big}])[0]["instances"]
         first = model([{"image": big}, {"image": small}])
@@ -94,7 +91,7 @@ def test_preprocess_normalises_and_pads_with_zeros(sizes):
     """One-size batches that need no padding are stacked and normalised at once; the result is the per-image
     normalisation padded with zeros to the size divisibility, bitwise, whichever way it was computed."""
     model = _tiny_model()
-    images = [_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    images = [uint8_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
     got = model.preprocess_image([{"image": image} for image in images])
     d = model.size_divisibility
     expected = torch.zeros(len(images), 3, -(-max(h for h, _ in sizes) // d) * d, -(-max(w for _, w in sizes) // d) * d)
@@ -125,12 +122,7 @@ def test_padding_mask_is_the_nearest_downsampled_pixel_mask(padded, feature_size
 
 def test_training_returns_weighted_losses_and_frozen_parts_get_no_gradient():
     model = _tiny_model().train()
-    inputs = []
-    for seed, (h, w) in enumerate([(96, 128), (64, 64)]):
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 50.0, 60.0]]))
-        inst.gt_classes = torch.tensor([2])
-        inputs.append({"image": _image(h, w, seed), "instances": inst})
+    inputs = training_inputs([(96, 128), (64, 64)], [[[10.0, 20.0, 50.0, 60.0]]] * 2, [[2]] * 2)
     losses = model(inputs)
     assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0", "loss_bbox_0", "loss_giou_0"} <= set(losses)
     sum(losses.values()).backward()
@@ -153,7 +145,7 @@ def test_targets_are_normalised_cxcywh_of_the_unpadded_image():
 def test_training_without_criterion_is_a_clear_error():
     model = _tiny_model(criterion=False).train()
     with pytest.raises(RuntimeError, match="criterion"):
-        model([{"image": _image(64, 64, 0)}])
+        model([{"image": uint8_image(64, 64, 0)}])
 
 
 def test_class_count_mismatches_are_errors():
@@ -208,7 +200,7 @@ def test_builds_from_yacs_with_the_channel_count_read_from_the_backbone():
     assert model.head.transformer.num_patterns == 2 and hasattr(model.head, "anchor_xy")
     model.eval()
     with torch.no_grad():
-        (out,) = model([{"image": _image(64, 96, 0)}])
+        (out,) = model([{"image": uint8_image(64, 96, 0)}])
     assert len(out["instances"]) == 6 * 2 * 3  # num_select 300 capped at queries x classes
 
 
@@ -270,7 +262,7 @@ def test_yacs_r50_builds_the_lazyconfig_r50():
     assert sum(p.numel() for p in yacs_model.parameters() if p.requires_grad) == sum(
         p.numel() for p in lazy_model.parameters() if p.requires_grad)  # the same stages frozen
     lazy_model.load_state_dict(yacs_model.state_dict())  # strict: the same names and shapes
-    inputs = [{"image": _image(64, 96, 0)}, {"image": _image(80, 48, 1)}]
+    inputs = [{"image": uint8_image(64, 96, 0)}, {"image": uint8_image(80, 48, 1)}]
     with torch.no_grad():
         ours, theirs = yacs_model(inputs), lazy_model(inputs)
     for a, b in zip(ours, theirs):

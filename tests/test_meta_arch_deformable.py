@@ -6,13 +6,13 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling.backbone import BasicStem, ResNet
-from detectron2.structures import Boxes, Instances
 
 from dab_detr.meta_arch import DABDETR
 from dab_detr.meta_arch_deformable import DABDeformableDETR
 from dab_detr.modeling.criterion import SetCriterion
 from dab_detr.modeling.dab_deformable_head import DabDeformableDetrHead
 from dab_detr.modeling.matcher import HungarianMatcher
+from tests.helpers import training_inputs, uint8_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -37,25 +37,16 @@ def _tiny_model(two_stage=False, in_features=("res3", "res4", "res5"), num_featu
     )
 
 
-def _image(h, w, seed):
-    return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
 def _inputs_with_instances():
-    inputs = []
-    for i, (h, w) in enumerate([(64, 96), (80, 48)]):
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [10.0, 2.0, 20.0, 12.0]]))
-        inst.gt_classes = torch.tensor([1, 3])
-        inputs.append({"image": _image(h, w, i), "instances": inst})
-    return inputs
+    boxes = [[4.0, 6.0, 30.0, 40.0], [10.0, 2.0, 20.0, 12.0]]
+    return training_inputs([(64, 96), (80, 48)], [boxes, boxes], [[1, 3], [1, 3]])
 
 
 def test_is_a_dabdetr_sharing_its_inference():
     model = _tiny_model().eval()
     assert isinstance(model, DABDETR) and model.in_features == ["res3", "res4", "res5"]
     with torch.no_grad():
-        out = model([{"image": _image(64, 96, 0), "height": 128, "width": 192}, {"image": _image(80, 48, 1)}])
+        out = model([{"image": uint8_image(64, 96, 0), "height": 128, "width": 192}, {"image": uint8_image(80, 48, 1)}])
     assert len(out[0]["instances"]) == 10 and out[0]["instances"].image_size == (128, 192)
     assert out[1]["instances"].image_size == (80, 48)
 
