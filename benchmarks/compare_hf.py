@@ -30,9 +30,10 @@ them alternately (ABBA order, medians after warm-up, the same input and thread c
 The machine's load (load average, busy cores outside this process) is recorded: rerun when others were busy.
 
 `--device cuda` runs the same comparison on a GPU (timings synchronised with the device, peak memory from the CUDA
-allocator in this process, the GEMM on the GPU) and adds a training step at 2x3x800x1333; every run also reports
-inference FPS and training images/s. `--amp` times both models under autocast (fp16 with a GradScaler on CUDA,
-bf16 on the CPU); the output agreement is always checked in fp32 first.
+allocator in this process, the GEMM on the GPU) and adds inference and a training step of 2 and of 8 images at
+800x1333, each with its images/s and peak memory; every run also reports inference FPS and training images/s.
+`--amp` times both models under autocast (fp16 with a GradScaler on CUDA, bf16 on the CPU); the output agreement
+is always checked in fp32 first.
 """
 import argparse
 import os
@@ -61,9 +62,11 @@ AGREEMENT_TOL = 1e-4
 FULL = {"infer": [(640, 640), (800, 1333)], "train": (512, 512), "warmup": 2, "runs": 7, "train_runs": 11,
         "synthetic": (16, (128, 128)), "synthetic_runs": 15}
 QUICK = {"infer": [(96, 96)], "train": (64, 64), "warmup": 1, "runs": 2, "train_runs": 2,
-         "synthetic": (2, (64, 64)), "synthetic_runs": 2}
-GPU = {"infer": [(640, 640), (800, 1333)], "train": (512, 512), "train_extra": [(800, 1333)], "warmup": 5,
-       "runs": 30, "train_runs": 20, "synthetic": (16, (128, 128)), "synthetic_runs": 30}
+         "synthetic": (2, (64, 64)), "synthetic_runs": 2, "batched": [(2, (64, 96))]}
+# On a GPU, also the COCO-sized batches of the issue's figures: inference and a training step of 2 and of 8 images
+# at 800x1333, with the CUDA allocator's peak for each.
+GPU = {"infer": [(640, 640), (800, 1333)], "train": (512, 512), "warmup": 5, "runs": 30, "train_runs": 20,
+       "synthetic": (16, (128, 128)), "synthetic_runs": 30, "batched": [(2, (800, 1333)), (8, (800, 1333))]}
 
 
 # --- peak memory in a fresh process ------------------------------------------------------------------------------
@@ -135,31 +138,57 @@ def time_training(report, ours, hf, plan, device: str, amp: bool) -> None:
     trainable = (trainable_count(ours), trainable_count(hf))
     if trainable[0] != trainable[1]:
         raise RuntimeError(f"trainable parameter counts differ: ours {trainable[0]}, HF {trainable[1]}")
-    for i, size in enumerate([plan["train"]] + plan.get("train_extra", [])):
-        report.log(f"training step 2x3x{size[0]}x{size[1]}")
-        images, targets = make_images(2, size, device=device), make_targets(2, device=device)
-        optimizers = {"ours": adamw(ours), "hf": adamw(hf)}
-        steps = {"ours": ours_train_step(ours, images, targets, amp, optimizer=optimizers["ours"]),
-                 "hf": hf_train_step(hf, images, targets, amp, optimizer=optimizers["hf"])}
-        first_loss = {name: float(step()) for name, step in steps.items()}  # same weights: the same loss expected
-        timed, faults = measure.count_page_faults(steps)
-        times = measure.alternate(timed, plan["warmup"] - 1, plan["train_runs"], device)
-        shape = f"2x3x{size[0]}x{size[1]}"
-        ms = measure.median_ms(times)
-        name = "train_step_512_ms" if i == 0 else f"train_step_{size[0]}x{size[1]}_ms"
-        report.add(name, ms["ours"], ms["hf"], shape=shape, runs=plan["train_runs"], trainable_params=trainable[0])
-        report.add(f"train_images_per_s_{size[0]}x{size[1]}", 2e3 / ms["ours"], 2e3 / ms["hf"], shape=shape)
-        if i == 0:
-            report.add("train_first_loss", first_loss["ours"], first_loss["hf"])
-            # each read of device memory by the host is a sync on a GPU; counted the same way on any device
-            inputs = [images, *(t for target in targets for t in target.values())]
-            reads = {name: step_host_reads(step, model, optimizers[name], inputs)
-                     for (name, step), model in zip(steps.items(), (ours, hf))}
-            report.add("train_host_reads", len(reads["ours"]), len(reads["hf"]), shape=shape,
-                       where={name: dict(Counter(where.split(":")[0] for _, where in r)) for name, r in reads.items()})
-            if device == "cpu":  # the timed calls only
-                report.add("train_page_faults_mib", *(statistics.median(faults[name][-plan["train_runs"]:])
-                                                      for name in ("ours", "hf")), shape=shape)
+    size = plan["train"]
+    shape = f"2x3x{size[0]}x{size[1]}"
+    report.log(f"training step {shape}")
+    images, targets = make_images(2, size, device=device), make_targets(2, device=device)
+    optimizers = {"ours": adamw(ours), "hf": adamw(hf)}
+    steps = {"ours": ours_train_step(ours, images, targets, amp, optimizer=optimizers["ours"]),
+             "hf": hf_train_step(hf, images, targets, amp, optimizer=optimizers["hf"])}
+    first_loss = {name: float(step()) for name, step in steps.items()}  # same weights: the same loss expected
+    timed, faults = measure.count_page_faults(steps)
+    ms = measure.median_ms(measure.alternate(timed, plan["warmup"] - 1, plan["train_runs"], device))
+    report.add("train_step_512_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["train_runs"],
+               trainable_params=trainable[0])
+    report.add(f"train_images_per_s_{size[0]}x{size[1]}", 2e3 / ms["ours"], 2e3 / ms["hf"], shape=shape)
+    report.add("train_first_loss", first_loss["ours"], first_loss["hf"])
+    # each read of device memory by the host is a sync on a GPU; counted the same way on any device
+    inputs = [images, *(t for target in targets for t in target.values())]
+    reads = {name: step_host_reads(step, model, optimizers[name], inputs)
+             for (name, step), model in zip(steps.items(), (ours, hf))}
+    report.add("train_host_reads", len(reads["ours"]), len(reads["hf"]), shape=shape,
+               where={name: dict(Counter(where.split(":")[0] for _, where in r)) for name, r in reads.items()})
+    if device == "cpu":  # the timed calls only
+        report.add("train_page_faults_mib", *(statistics.median(faults[name][-plan["train_runs"]:])
+                                              for name in ("ours", "hf")), shape=shape)
+    ours.eval(), hf.eval()
+
+
+def time_batches(report, ours, hf, plan, device: str, amp: bool) -> None:
+    """Inference and a training step of `batch` images of `size` for each `plan["batched"]` entry: milliseconds,
+    images/s and, on CUDA, the allocator's peak above the loaded model."""
+    for batch, size in plan.get("batched", []):
+        shape, tag = f"{batch}x3x{size[0]}x{size[1]}", f"b{batch}_{size[0]}x{size[1]}"
+        images, targets = make_images(batch, size, device=device), make_targets(batch, device=device)
+        report.log(f"inference and training step {shape}")
+        ours.eval(), hf.eval()
+        infer = {"ours": ours_infer(ours, images), "hf": hf_infer(hf, images)}
+        with torch.no_grad(), autocast(device, amp):
+            ms = measure.median_ms(measure.alternate(infer, plan["warmup"], plan["runs"], device))
+            report.add(f"infer_{tag}_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["runs"])
+            report.add(f"infer_images_per_s_{tag}", batch * 1e3 / ms["ours"], batch * 1e3 / ms["hf"], shape=shape)
+            if device == "cuda":
+                mem = {name: measure.cuda_peak_increase(run)[0] for name, run in infer.items()}
+                report.add(f"infer_peak_mem_mb_{tag}", mem["ours"], mem["hf"], shape=shape)
+        ours.train(), hf.train()
+        steps = {"ours": ours_train_step(ours, images, targets, amp), "hf": hf_train_step(hf, images, targets, amp)}
+        ms = measure.median_ms(measure.alternate(steps, plan["warmup"], plan["train_runs"], device))
+        report.add(f"train_step_{tag}_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["train_runs"])
+        report.add(f"train_images_per_s_{tag}", batch * 1e3 / ms["ours"], batch * 1e3 / ms["hf"], shape=shape)
+        if device == "cuda":
+            mem = {name: measure.cuda_peak_increase(step)[0] for name, step in steps.items()}
+            report.add(f"train_peak_mem_mb_{tag}", mem["ours"], mem["hf"], shape=shape)
+        del steps
     ours.eval(), hf.eval()
 
 
@@ -253,6 +282,7 @@ def compare_r50(report, plan, args, device: str, cpu: measure.CpuMonitor) -> boo
         time_inference(report, ours, hf, plan, device, args.amp)
         gemm.append(measure.gemm_gflops(device=device))
         time_training(report, ours, hf, plan, device, args.amp)
+        time_batches(report, ours, hf, plan, device, args.amp)
     flop_efficiency(report, ours, hf, images0, statistics.median(gemm))
     peak_memory(report, ours, hf, plan, args.threads, device, args.amp)
     return True

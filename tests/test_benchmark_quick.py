@@ -16,7 +16,8 @@ pytest.importorskip("fvcore")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_hf.py")
 REQUIRED = {"infer_640_ms", "train_step_512_ms", "peak_mem_mb", "train_peak_mem_mb", "max_abs_diff", "gemm_efficiency",
-            "synthetic_train_step_ms", "train_page_faults_mib", "train_host_reads"}
+            "synthetic_train_step_ms", "train_page_faults_mib", "train_host_reads", "infer_b2_64x96_ms",
+            "train_step_b2_64x96_ms"}
 
 
 def _load_script():
@@ -62,6 +63,11 @@ def test_quick_run_reports_agreement_and_every_metric(tmp_path):
     assert params["ours"] == params["hf"] > 0
     # throughput rows (the GPU figures' format): FPS and images/s are the inverse of the timings
     assert rows["infer_fps_96x96"]["ours"] == pytest.approx(1e3 / rows["infer_640_ms"]["ours"])
+    # the batched rows (batches of 2 and 8 at 800x1333 on a GPU; one batch of 2 here): images/s of the batch
+    for timing, throughput in (("infer_b2_64x96_ms", "infer_images_per_s_b2_64x96"),
+                               ("train_step_b2_64x96_ms", "train_images_per_s_b2_64x96")):
+        assert rows[timing]["shape"] == "2x3x64x96" and rows[timing]["ours"] > 0 and rows[timing]["hf"] > 0
+        assert rows[throughput]["hf"] == pytest.approx(2e3 / rows[timing]["hf"])
     assert rows["train_images_per_s_64x64"]["hf"] == pytest.approx(2e3 / rows["train_step_512_ms"]["hf"])
 
 
