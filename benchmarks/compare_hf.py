@@ -164,30 +164,31 @@ def time_training(report, ours, hf, plan, device: str, amp: bool) -> None:
     ours.eval(), hf.eval()
 
 
+def _time_batch(report, kind: str, fns, plan, device: str, batch: int, size) -> None:
+    """Rows of one batched comparison (`kind` "infer" or "train"): ms, images/s and, on CUDA, the peak memory."""
+    shape, tag = f"{batch}x3x{size[0]}x{size[1]}", f"b{batch}_{size[0]}x{size[1]}"
+    runs = plan["runs" if kind == "infer" else "train_runs"]
+    ms = measure.median_ms(measure.alternate(fns, plan["warmup"], runs, device))
+    report.add(f"{'infer' if kind == 'infer' else 'train_step'}_{tag}_ms", ms["ours"], ms["hf"], shape=shape, runs=runs)
+    report.add(f"{kind}_images_per_s_{tag}", batch * 1e3 / ms["ours"], batch * 1e3 / ms["hf"], shape=shape)
+    if device == "cuda":
+        mem = {name: measure.cuda_peak_increase(fn)[0] for name, fn in fns.items()}
+        report.add(f"{kind}_peak_mem_mb_{tag}", mem["ours"], mem["hf"], shape=shape)
+
+
 def time_batches(report, ours, hf, plan, device: str, amp: bool) -> None:
     """Inference and a training step of `batch` images of `size` for each `plan["batched"]` entry: milliseconds,
     images/s and, on CUDA, the allocator's peak above the loaded model."""
     for batch, size in plan.get("batched", []):
-        shape, tag = f"{batch}x3x{size[0]}x{size[1]}", f"b{batch}_{size[0]}x{size[1]}"
+        report.log(f"inference and training step {batch}x3x{size[0]}x{size[1]}")
         images, targets = make_images(batch, size, device=device), make_targets(batch, device=device)
-        report.log(f"inference and training step {shape}")
         ours.eval(), hf.eval()
-        infer = {"ours": ours_infer(ours, images), "hf": hf_infer(hf, images)}
         with torch.no_grad(), autocast(device, amp):
-            ms = measure.median_ms(measure.alternate(infer, plan["warmup"], plan["runs"], device))
-            report.add(f"infer_{tag}_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["runs"])
-            report.add(f"infer_images_per_s_{tag}", batch * 1e3 / ms["ours"], batch * 1e3 / ms["hf"], shape=shape)
-            if device == "cuda":
-                mem = {name: measure.cuda_peak_increase(run)[0] for name, run in infer.items()}
-                report.add(f"infer_peak_mem_mb_{tag}", mem["ours"], mem["hf"], shape=shape)
+            _time_batch(report, "infer", {"ours": ours_infer(ours, images), "hf": hf_infer(hf, images)}, plan,
+                        device, batch, size)
         ours.train(), hf.train()
         steps = {"ours": ours_train_step(ours, images, targets, amp), "hf": hf_train_step(hf, images, targets, amp)}
-        ms = measure.median_ms(measure.alternate(steps, plan["warmup"], plan["train_runs"], device))
-        report.add(f"train_step_{tag}_ms", ms["ours"], ms["hf"], shape=shape, runs=plan["train_runs"])
-        report.add(f"train_images_per_s_{tag}", batch * 1e3 / ms["ours"], batch * 1e3 / ms["hf"], shape=shape)
-        if device == "cuda":
-            mem = {name: measure.cuda_peak_increase(step)[0] for name, step in steps.items()}
-            report.add(f"train_peak_mem_mb_{tag}", mem["ours"], mem["hf"], shape=shape)
+        _time_batch(report, "train", steps, plan, device, batch, size)
         del steps
     ours.eval(), hf.eval()
 
