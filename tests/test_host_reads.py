@@ -104,6 +104,7 @@ def test_the_counter_sees_each_kind_of_read():
     h = torch.rand(8)
     with count_host_reads([x]) as reads:
         h.sum().item()  # a host tensor: not a read
+        h.to(torch.float64).sum().item()  # a dtype change is no move to the device: not a read either
         y = x * 2
         bool(y.sum() > 0)
         y[y > 1]
