@@ -11,7 +11,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
 from torchvision.ops import generalized_box_iou_loss as torchvision_giou_loss
 
-from benchmarks.host_reads import count_host_reads
+from benchmarks.host_reads import count_host_reads, step_host_reads
 from dab_detr.engine.trainer import DetrTrainer
 from dab_detr.modeling.box_ops import generalized_box_iou_loss
 from tests.helpers import TINY_SYNTHETIC_OVERRIDES, torch_threads, training_inputs
@@ -50,14 +50,10 @@ def _batch(num_images: int):
     return training_inputs(sizes, [boxes[:n] for n in counts], [classes[:n] for n in counts])
 
 
-def _device_tensors(model):
-    """What lives on the device before a step: the model's parameters and buffers. The loader's batch is host
-    memory; the meta-architecture's `.to(device)` is what moves it (the counter follows that)."""
-    return [*model.parameters(), *model.buffers()]
-
-
 def _step_reads(model, num_images: int):
-    """Host reads of the second `DetrTrainer` step (the first creates the optimizer's state)."""
+    """Host reads of the second `DetrTrainer` step (the first creates the optimizer's state). On the device before
+    the step: the model and the optimizer's state. The loader's batch is host memory; the meta-architecture's
+    `.to(device)` is what moves it (the counter follows that)."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = [_batch(num_images), _batch(num_images)]
@@ -66,11 +62,7 @@ def _step_reads(model, num_images: int):
         trainer.iter = 0
         trainer.run_step()
         trainer.iter = 1
-        # AdamW's moments live on the device; its step counts stay on the host (not capturable)
-        moments = [t for state in optimizer.state.values() for key, t in state.items() if key != "step"]
-        with count_host_reads([*_device_tensors(model), *moments]) as reads:
-            trainer.run_step()
-    return reads
+        return step_host_reads(trainer.run_step, model, optimizer, inputs=[])
 
 
 def _by_file(reads):
@@ -94,7 +86,7 @@ def test_inference_forward_reads_nothing():
     model = _model("dab_detr").eval()
     batch = _batch(2)
     images = model.preprocess_image(batch)
-    with torch.no_grad(), count_host_reads(_device_tensors(model)) as reads:
+    with torch.no_grad(), count_host_reads([*model.parameters(), *model.buffers()]) as reads:
         model.forward_raw(images)
     assert reads == []
 
