@@ -61,7 +61,7 @@ class DABDETR(nn.Module):
     Speed: FrozenBN layers of the backbone are folded into their convolutions (`fold_frozen_batchnorm`, same state
     dict), and with `channels_last` the backbone's activations and weights are NHWC (oneDNN's fast layout on CPU;
     ~20% faster convolutions here, and no per-call weight re-layout), its 1x1 convolutions (and `input_proj`) one
-    GEMM each on the NHWC view (`modeling.conv.conv2d`), and its bottleneck blocks one autograd node each
+    GEMM each on the NHWC view (`modeling.conv.conv2d`), and its bottleneck blocks one autograd node per stage
     (`modeling.bottleneck`).
     """
 
@@ -96,7 +96,7 @@ class DABDETR(nn.Module):
         fold_frozen_batchnorm(backbone)
         if channels_last:
             use_nhwc_convolutions(backbone)  # 1x1 convolutions of NHWC activations as GEMMs
-            fuse_bottleneck_blocks(backbone)  # ResNet's bottleneck blocks as one autograd node each
+            fuse_bottleneck_blocks(backbone)  # ResNet's bottleneck blocks as one autograd node per stage
             # NHWC weights too (and input_proj's, which reads the NHWC features): with NCHW weights oneDNN re-lays
             # every weight (and its gradient) out on every call, and the backbone's gradients arrive in NCHW.
             backbone.to(memory_format=torch.channels_last)

@@ -153,19 +153,17 @@ def _assert_close_to_scale(got, expected, rel, msg=""):
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_fused_bottleneck_blocks_train_like_detectron2s(monkeypatch, dilation):
     """A FrozenBN R50 (narrow) with every speed-up of DABDETR: the same features and parameter gradients as
-    detectron2's own blocks, and every block ran as one fused node."""
+    detectron2's own blocks, and every stage ran as one fused node."""
     reference = _randomise_frozen_bn(_r50_stages(dilation=dilation))
     fast = _fast_backbone(reference)
-    calls = []
-    fused = backbone_module.bottleneck
-    monkeypatch.setattr(backbone_module, "bottleneck", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    calls = _count_chains(monkeypatch)
     x = torch.randn(2, 3, 64, 96)
     outputs = []
     for model in (reference, fast):
         features = model(x.contiguous(memory_format=torch.channels_last) if model is fast else x)["res5"]
         features.backward(torch.randn(features.shape, generator=torch.Generator().manual_seed(1)))
         outputs.append(features.detach())
-    assert len(calls) == 16
+    assert calls == [3, 4, 6, 3]  # one node per stage
     _assert_close_to_scale(outputs[1], outputs[0], 1e-5, "features")
     for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
         assert (p.grad is None) == (q.grad is None), name
@@ -173,18 +171,25 @@ def test_fused_bottleneck_blocks_train_like_detectron2s(monkeypatch, dilation):
             _assert_close_to_scale(q.grad, p.grad, 1e-5, name)
 
 
-@pytest.mark.parametrize("case, fused_blocks", [
-    ("no_grad_two_threads", 0),  # inference with oneDNN: detectron2's forward (as fast there)
-    ("no_grad_one_thread", 16),  # inference where torch skips oneDNN: the fused node, forward only
-    ("autocast", 0),
-    ("stride_in_1x1", 13),  # the first blocks of res3-res5 have a strided 1x1 first: those three fall back
+def _count_chains(monkeypatch):
+    """The number of blocks of each `bottleneck_chain` call the backbone makes, in call order."""
+    calls = []
+    fused = backbone_module.bottleneck_chain
+    monkeypatch.setattr(backbone_module, "bottleneck_chain",
+                        lambda x, blocks: calls.append(len(blocks)) or fused(x, blocks))
+    return calls
+
+
+@pytest.mark.parametrize("case, chains", [
+    ("no_grad_two_threads", []),  # inference with oneDNN: detectron2's forward (as fast there)
+    ("no_grad_one_thread", [3, 4, 6, 3]),  # inference where torch skips oneDNN: the fused stages, forward only
+    ("autocast", []),
+    ("stride_in_1x1", [3, 3, 5, 2]),  # res3-res5 start with a strided 1x1: those three blocks fall back
 ])
-def test_fused_bottleneck_blocks_where_they_apply(monkeypatch, case, fused_blocks):
+def test_fused_bottleneck_blocks_where_they_apply(monkeypatch, case, chains):
     reference = _randomise_frozen_bn(_r50_stages(stride_in_1x1=case == "stride_in_1x1"))
     fast = _fast_backbone(reference)
-    calls = []
-    fused = backbone_module.bottleneck
-    monkeypatch.setattr(backbone_module, "bottleneck", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    calls = _count_chains(monkeypatch)
     monkeypatch.setattr(conv_module.torch, "get_num_threads", lambda: 1 if case == "no_grad_one_thread" else 2)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -192,5 +197,27 @@ def test_fused_bottleneck_blocks_where_they_apply(monkeypatch, case, fused_block
     with torch.set_grad_enabled(not case.startswith("no_grad")), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         got = fast(x.contiguous(memory_format=torch.channels_last))["res5"].detach()
-    assert len(calls) == fused_blocks
+    assert calls == chains
     _assert_close_to_scale(got.float(), expected, 2e-2 if case == "autocast" else 1e-5, case)
+
+
+def test_a_block_with_hooks_is_called_as_a_module_and_the_rest_of_its_stage_still_fuses(monkeypatch):
+    """A forward hook on one block (feature visualisation, Grad-CAM) runs, with the same features and gradients;
+    the blocks before and after it in its stage run as chains."""
+    reference = _randomise_frozen_bn(_r50_stages())
+    fast = _fast_backbone(reference)
+    seen = []
+    fast.res4[2].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    calls = _count_chains(monkeypatch)
+    x = torch.randn(1, 3, 64, 64)
+    grad = torch.randn(1, 256, 2, 2, generator=torch.Generator().manual_seed(1))
+    expected = reference(x)["res5"]
+    expected.backward(grad)
+    got = fast(x.contiguous(memory_format=torch.channels_last))["res5"]
+    got.backward(grad)
+    assert seen == [(1, 128, 4, 4)]
+    assert calls == [3, 4, 2, 1, 3, 3]  # res4: blocks 0-1, the hooked block 2 as a chain of one, blocks 3-5
+    _assert_close_to_scale(got.detach(), expected.detach(), 1e-5, "features")
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        if p.grad is not None:
+            _assert_close_to_scale(q.grad, p.grad, 1e-5, name)

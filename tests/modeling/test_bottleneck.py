@@ -1,10 +1,11 @@
-"""`modeling.bottleneck.bottleneck`: one autograd node equal to ResNet's bottleneck block of plain ops, in value and
-in every gradient, for the identity shortcut and 1x1 projections of stride 1 and 2."""
+"""`modeling.bottleneck`: one autograd node equal to ResNet's bottleneck block of plain ops, in value and in every
+gradient, for the identity shortcut and 1x1 projections of stride 1 and 2; a chain of blocks as one node equal to
+the blocks one after the other."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dab_detr.modeling.bottleneck import bottleneck
+from dab_detr.modeling.bottleneck import Block, bottleneck, bottleneck_chain
 
 
 def reference_block(x, conv1, conv2, conv3, shortcut, stride, dilation, groups):
@@ -78,3 +79,50 @@ def test_bottleneck_takes_a_broadcast_or_nchw_incoming_gradient():
         expected = torch.autograd.grad(make_loss(reference_block(x, *convs, 2, 1, 1)), leaves)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("frozen_first, x_needs_grad", [(False, True), (False, False), (True, False)])
+def test_a_chain_of_blocks_equals_the_blocks_of_plain_ops(frozen_first, x_needs_grad):
+    """A stage (strided projection block, two identity blocks) as one node: the same output and gradients, and the
+    incoming gradient left as it was. With the first block frozen and `x` constant, nothing flows past block 1."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float64
+    specs = [(8, True, 2), (16, False, 1), (16, False, 1)]  # (c_in, projection, stride)
+    blocks = [Block(*make_block(g, c_in, 6, 16, projection, 1, dtype), stride=stride)
+              for c_in, projection, stride in specs]
+    if frozen_first:
+        for t in (t for conv in blocks[0][:4] for t in conv):
+            t.requires_grad_(False)
+    x = torch.randn(2, 8, 9, 8, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(x_needs_grad)
+    leaves = ([x] if x_needs_grad else []) + [
+        t for block in blocks for conv in block[:4] if conv is not None for t in conv if t.requires_grad]
+
+    got = bottleneck_chain(x, blocks)
+    grad_out = torch.randn(got.shape, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    kept = grad_out.clone()
+    got_grads = torch.autograd.grad(got, leaves, grad_out, retain_graph=True)
+    expected = x
+    for block in blocks:
+        expected = reference_block(expected, *block[:4], block.stride, block.dilation, block.groups)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+
+    torch.testing.assert_close(got, expected)
+    assert all((out == 0).any() for out in (got, expected))
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(grad_out, kept)
+    again = torch.autograd.grad(got, leaves, grad_out)  # the saved tensors were not written to either
+    for a, b in zip(again, got_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_chain_without_gradients_records_nothing():
+    g = torch.Generator().manual_seed(4)
+    blocks = [Block(*make_block(g, 16, 6, 16, False, 1, torch.float32)) for _ in range(2)]
+    x = torch.randn(1, 16, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = bottleneck_chain(x, blocks)
+        expected = bottleneck(bottleneck(x, *blocks[0][:4]), *blocks[1][:4])
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
