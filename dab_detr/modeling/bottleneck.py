@@ -120,6 +120,20 @@ def _block_backward(grad: Tensor, grad_is_ours: bool, saved: Sequence[Optional[T
     return [d_x, d_w1, d_b1, d_w2, d_b2, d_w3, d_b3 if need[6] else None, d_ws, d_b3 if need[8] else None]
 
 
+def _chain_forward(x: Tensor, geometry: Sequence[Tuple[int, int, int]], weights: Sequence[Optional[Tensor]],
+                   saved: Optional[List[Optional[Tensor]]] = None) -> Tensor:
+    """The blocks one after the other (`weights`: `_SLOTS` per block, `geometry`: (stride, dilation, groups) per
+    block). With `saved`, each block's backward inputs (x, h1, h2, out, w1, w2, w3, ws) are appended to it;
+    without, each block's activations go as it ends."""
+    for i, (stride, dilation, groups) in enumerate(geometry):
+        w1, b1, w2, b2, w3, b3, ws, bs = weights[_SLOTS * i : _SLOTS * (i + 1)]
+        out, h1, h2 = _block_forward(x, w1, b1, w2, b2, w3, b3, ws, bs, stride, dilation, groups)
+        if saved is not None:
+            saved += [x, h1, h2, out, w1, w2, w3, ws]
+        x = out
+    return x
+
+
 class _BottleneckChain(torch.autograd.Function):
     """Blocks applied one after the other, as one node: the gradient between two blocks is a buffer the backward
     made itself, so the ReLU mask of the earlier block's output goes into it in place (one fresh buffer and one
@@ -127,15 +141,11 @@ class _BottleneckChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, geometry: Tuple[Tuple[int, int, int], ...], *weights: Optional[Tensor]) -> Tensor:
-        saved = []
-        for i, (stride, dilation, groups) in enumerate(geometry):
-            w1, b1, w2, b2, w3, b3, ws, bs = weights[_SLOTS * i : _SLOTS * (i + 1)]
-            out, h1, h2 = _block_forward(x, w1, b1, w2, b2, w3, b3, ws, bs, stride, dilation, groups)
-            saved += [x, h1, h2, out, w1, w2, w3, ws]
-            x = out
+        saved: List[Optional[Tensor]] = []
+        out = _chain_forward(x, geometry, weights, saved)
         ctx.save_for_backward(*saved)
         ctx.geometry = geometry
-        return x
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -165,9 +175,7 @@ def bottleneck_chain(x: Tensor, blocks: Sequence[Block]) -> Tensor:
     geometry = tuple((block.stride, block.dilation, block.groups) for block in blocks)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights)):
         return _BottleneckChain.apply(x, geometry, *weights)
-    for i, block_geometry in enumerate(geometry):  # nothing to save: each block's activations go as it ends
-        x = _block_forward(x, *weights[_SLOTS * i : _SLOTS * (i + 1)], *block_geometry)[0]
-    return x
+    return _chain_forward(x, geometry, weights)  # nothing to record: nothing saved
 
 
 def bottleneck(x: Tensor, conv1: Tuple[Tensor, Tensor], conv2: Tuple[Tensor, Tensor], conv3: Tuple[Tensor, Tensor],
